@@ -1,0 +1,567 @@
+//! The only module that talks to the API server: discovery, get, list, server-side apply (and its
+//! dry run), delete.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy,
+};
+use kube::core::{ApiResource, GroupVersionKind, Status};
+use kube::discovery::{ApiCapabilities, Discovery, Scope, verbs};
+use kube::{Client, Config};
+use serde_json::Value;
+
+use crate::object::{FIELD_MANAGER, ObjectKey};
+
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot load the Kubernetes client configuration: {message}; {hint}")]
+    Config { message: String, hint: String },
+    #[error(
+        "cannot reach the Kubernetes API server at {server}: {message}; check that the cluster \
+         is running and that --kubeconfig/--context point at it"
+    )]
+    Unreachable { server: String, message: String },
+    #[error("{what} is not served by this cluster: {hint}")]
+    UnknownKind { what: String, hint: String },
+    #[error(
+        "{object}: {} owned by another field manager: {}; re-run with --force-conflicts to take \
+         them over, or remove them from the manifest",
+        if conflicts.len() == 1 { "a field is" } else { "fields are" },
+        conflicts.iter().map(|c| format!("{} (manager \"{}\")", c.field, c.manager)).collect::<Vec<_>>().join(", ")
+    )]
+    Conflict {
+        object: String,
+        conflicts: Vec<FieldConflict>,
+    },
+    #[error("{object}: the API server rejected it: {message}")]
+    Rejected {
+        object: String,
+        message: String,
+        /// True when the rejection is about an immutable field (a replace can fix it).
+        immutable: bool,
+    },
+    #[error(
+        "{object}: {action} was forbidden: {message}; the identity in your kubeconfig needs RBAC permission for it"
+    )]
+    Forbidden {
+        object: String,
+        action: &'static str,
+        message: String,
+    },
+    #[error("{object}: {action} failed: {message}")]
+    Api {
+        object: String,
+        action: &'static str,
+        message: String,
+        code: u16,
+    },
+    #[error("{object}: timed out after {seconds}s waiting until {what}")]
+    Timeout {
+        object: String,
+        what: &'static str,
+        seconds: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldConflict {
+    pub field: String,
+    pub manager: String,
+}
+
+/// A kind as the cluster serves it.
+#[derive(Debug, Clone)]
+pub struct ResourceType {
+    pub resource: ApiResource,
+    pub namespaced: bool,
+    pub capabilities: ApiCapabilities,
+}
+
+impl ResourceType {
+    pub fn group(&self) -> &str {
+        &self.resource.group
+    }
+    pub fn kind(&self) -> &str {
+        &self.resource.kind
+    }
+}
+
+/// A connection to one cluster, with its API discovery (two requests, done once).
+#[derive(Clone)]
+pub struct Cluster {
+    client: Client,
+    discovery: std::sync::Arc<Discovery>,
+    default_namespace: String,
+    server: String,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("server", &self.server)
+            .finish()
+    }
+}
+
+impl Cluster {
+    /// Loads the client configuration the usual way (explicit file, `KUBECONFIG`,
+    /// `~/.kube/config`, or the in-cluster service account) and runs discovery.
+    pub async fn connect(options: &ConnectOptions) -> Result<Self, ClusterError> {
+        let mut config = load_config(options).await?;
+        config.connect_timeout = Some(Duration::from_secs(10));
+        let server = config.cluster_url.to_string();
+        let default_namespace = config.default_namespace.clone();
+        let client = Client::try_from(config).map_err(|e| ClusterError::Config {
+            message: e.to_string(),
+            hint: "check the cluster and user entries of the kubeconfig".to_string(),
+        })?;
+        let discovery = run_discovery(&client, &server).await?;
+        Ok(Cluster {
+            client,
+            discovery: std::sync::Arc::new(discovery),
+            default_namespace,
+            server,
+        })
+    }
+
+    /// Runs discovery again (after CustomResourceDefinitions were applied).
+    pub async fn refresh_discovery(&mut self) -> Result<(), ClusterError> {
+        self.discovery = std::sync::Arc::new(run_discovery(&self.client, &self.server).await?);
+        Ok(())
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The namespace of the kubeconfig's context (or the pod's), else `default`.
+    pub fn default_namespace(&self) -> &str {
+        &self.default_namespace
+    }
+
+    /// Finds how the cluster serves `apiVersion`/`kind`.
+    pub fn resolve(&self, api_version: &str, kind: &str) -> Result<ResourceType, ClusterError> {
+        let (group, version) = crate::manifest::split_api_version(api_version);
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        if let Some((resource, capabilities)) = self.discovery.resolve_gvk(&gvk) {
+            return Ok(ResourceType {
+                namespaced: capabilities.scope == Scope::Namespaced,
+                resource,
+                capabilities,
+            });
+        }
+        let what = format!("{kind} ({api_version})");
+        let hint = match self.discovery.get(group) {
+            None if group.is_empty() => format!("the core API has no kind {kind}"),
+            None => format!(
+                "the API group {group} does not exist here; install its CustomResourceDefinition \
+                 first (or add it to the synced path), or fix the apiVersion"
+            ),
+            Some(api_group) => {
+                let versions: Vec<String> = api_group
+                    .versions()
+                    .filter(|v| {
+                        api_group
+                            .versioned_resources(v)
+                            .iter()
+                            .any(|(r, _)| r.kind == kind)
+                    })
+                    .map(|v| format!("{}/{v}", api_group.name()))
+                    .collect();
+                if versions.is_empty() {
+                    format!(
+                        "the group {group} has no kind {kind}; kinds are case-sensitive, check the spelling"
+                    )
+                } else {
+                    format!("use apiVersion {}", versions.join(" or "))
+                }
+            }
+        };
+        Err(ClusterError::UnknownKind { what, hint })
+    }
+
+    /// Every kind that can be listed and deleted, at its preferred version: where prune looks.
+    pub fn prunable_types(&self) -> Vec<ResourceType> {
+        let mut types = Vec::new();
+        for group in self.discovery.groups() {
+            for (resource, capabilities) in group.recommended_resources() {
+                let listable = capabilities.supports_operation(verbs::LIST)
+                    && capabilities.supports_operation(verbs::DELETE);
+                let is_event = resource.kind == "Event";
+                if listable && !is_event {
+                    types.push(ResourceType {
+                        namespaced: capabilities.scope == Scope::Namespaced,
+                        resource,
+                        capabilities,
+                    });
+                }
+            }
+        }
+        types
+    }
+
+    fn api(&self, rt: &ResourceType, namespace: Option<&str>) -> Api<DynamicObject> {
+        match (rt.namespaced, namespace) {
+            (true, Some(ns)) => Api::namespaced_with(self.client.clone(), ns, &rt.resource),
+            (true, None) => Api::all_with(self.client.clone(), &rt.resource),
+            (false, _) => Api::all_with(self.client.clone(), &rt.resource),
+        }
+    }
+
+    /// The live object, or `None` when it does not exist.
+    pub async fn get(
+        &self,
+        rt: &ResourceType,
+        key: &ObjectKey,
+    ) -> Result<Option<Value>, ClusterError> {
+        let api = self.api(rt, key.namespace.as_deref());
+        match api.get_opt(&key.name).await {
+            Ok(found) => Ok(found.map(to_value)),
+            Err(e) => Err(self.classify(e, &key.to_string(), "get")),
+        }
+    }
+
+    /// Lists objects of a kind (in one namespace, or everywhere), following pagination.
+    pub async fn list(
+        &self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        label_selector: Option<&str>,
+    ) -> Result<Vec<Value>, ClusterError> {
+        let api = self.api(rt, namespace);
+        let mut params = ListParams::default().limit(500);
+        if let Some(selector) = label_selector {
+            params = params.labels(selector);
+        }
+        let mut out = Vec::new();
+        loop {
+            let page = api
+                .list(&params)
+                .await
+                .map_err(|e| self.classify(e, &format!("{} list", rt.kind()), "list"))?;
+            let next = page.metadata.continue_.clone().filter(|c| !c.is_empty());
+            out.extend(page.items.into_iter().map(|mut item| {
+                // List items come without apiVersion/kind; give them back for uniform handling.
+                item.types = Some(kube::core::TypeMeta {
+                    api_version: rt.resource.api_version.clone(),
+                    kind: rt.resource.kind.clone(),
+                });
+                to_value(item)
+            }));
+            match next {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Server-side apply as field manager `kommit`, with strict field validation.
+    pub async fn apply(
+        &self,
+        rt: &ResourceType,
+        key: &ObjectKey,
+        body: &Value,
+        dry_run: bool,
+        force: bool,
+    ) -> Result<Value, ClusterError> {
+        let api = self.api(rt, key.namespace.as_deref());
+        let mut params = PatchParams::apply(FIELD_MANAGER).validation_strict();
+        if dry_run {
+            params = params.dry_run();
+        }
+        if force {
+            params = params.force();
+        }
+        let action = if dry_run { "dry-run apply" } else { "apply" };
+        api.patch(&key.name, &params, &Patch::Apply(body))
+            .await
+            .map(to_value)
+            .map_err(|e| self.classify(e, &key.to_string(), action))
+    }
+
+    /// Deletes an object (dependents are garbage-collected in the background). Returns the uid of
+    /// what was deleted, or `None` when it was already gone.
+    pub async fn delete(&self, rt: &ResourceType, key: &ObjectKey) -> Result<bool, ClusterError> {
+        let api = self.api(rt, key.namespace.as_deref());
+        let params = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        match api.delete(&key.name, &params).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+            Err(e) => Err(self.classify(e, &key.to_string(), "delete")),
+        }
+    }
+
+    /// Waits until the object with this uid is gone (deleted, or replaced by a new one).
+    pub async fn wait_gone(
+        &self,
+        rt: &ResourceType,
+        key: &ObjectKey,
+        uid: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(), ClusterError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.get(rt, key).await? {
+                None => return Ok(()),
+                Some(live) => {
+                    let live_uid = live.pointer("/metadata/uid").and_then(Value::as_str);
+                    if uid.is_some() && live_uid != uid {
+                        return Ok(());
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClusterError::Timeout {
+                    object: key.to_string(),
+                    what: "it is deleted",
+                    seconds: timeout.as_secs(),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    fn classify(&self, error: kube::Error, object: &str, action: &'static str) -> ClusterError {
+        classify_error(error, object, action, &self.server)
+    }
+}
+
+async fn load_config(options: &ConnectOptions) -> Result<Config, ClusterError> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let kube_options = KubeConfigOptions {
+        context: options.context.clone(),
+        cluster: None,
+        user: None,
+    };
+    let result = match &options.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path).map_err(|e| ClusterError::Config {
+                message: e.to_string(),
+                hint: format!(
+                    "check that {} is a readable kubeconfig file",
+                    path.display()
+                ),
+            })?;
+            Config::from_custom_kubeconfig(kubeconfig, &kube_options)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        None if options.context.is_some() => Config::from_kubeconfig(&kube_options)
+            .await
+            .map_err(|e| e.to_string()),
+        None => Config::infer().await.map_err(|e| e.to_string()),
+    };
+    result.map_err(|message| ClusterError::Config {
+        message,
+        hint: "pass --kubeconfig FILE (and --context NAME), set KUBECONFIG, or run inside a pod"
+            .to_string(),
+    })
+}
+
+async fn run_discovery(client: &Client, server: &str) -> Result<Discovery, ClusterError> {
+    let aggregated = Discovery::new(client.clone()).run_aggregated().await;
+    match aggregated {
+        Ok(discovery) => Ok(discovery),
+        Err(kube::Error::Api(_)) => Discovery::new(client.clone())
+            .run()
+            .await
+            .map_err(|e| classify_error(e, "API discovery", "discovery", server)),
+        Err(e) => Err(classify_error(e, "API discovery", "discovery", server)),
+    }
+}
+
+fn to_value(object: DynamicObject) -> Value {
+    serde_json::to_value(object).unwrap_or(Value::Null)
+}
+
+fn classify_error(
+    error: kube::Error,
+    object: &str,
+    action: &'static str,
+    server: &str,
+) -> ClusterError {
+    match error {
+        kube::Error::Api(status) => classify_status(*status, object, action),
+        kube::Error::HyperError(_) | kube::Error::Service(_) => ClusterError::Unreachable {
+            server: server.to_string(),
+            message: error_chain(&error),
+        },
+        other => ClusterError::Api {
+            object: object.to_string(),
+            action,
+            message: error_chain(&other),
+            code: 0,
+        },
+    }
+}
+
+fn classify_status(status: Status, object: &str, action: &'static str) -> ClusterError {
+    let causes = status
+        .details
+        .as_ref()
+        .map(|d| d.causes.as_slice())
+        .unwrap_or(&[]);
+    if status.code == 409 && causes.iter().any(|c| c.reason == "FieldManagerConflict") {
+        let conflicts = causes
+            .iter()
+            .filter(|c| c.reason == "FieldManagerConflict")
+            .map(|c| FieldConflict {
+                field: c.field.clone(),
+                manager: c
+                    .message
+                    .split('"')
+                    .nth(1)
+                    .unwrap_or(c.message.as_str())
+                    .to_string(),
+            })
+            .collect();
+        return ClusterError::Conflict {
+            object: object.to_string(),
+            conflicts,
+        };
+    }
+    match status.code {
+        422 | 400 => {
+            let immutable = status.message.contains("field is immutable")
+                || status.message.contains("may not change fields")
+                || status.message.contains("updates to statefulset spec");
+            ClusterError::Rejected {
+                object: object.to_string(),
+                message: explain_rejection(&status.message),
+                immutable,
+            }
+        }
+        403 => ClusterError::Forbidden {
+            object: object.to_string(),
+            action,
+            message: status.message,
+        },
+        code => ClusterError::Api {
+            object: object.to_string(),
+            action,
+            message: if status.message.is_empty() {
+                status.reason
+            } else {
+                status.message
+            },
+            code,
+        },
+    }
+}
+
+/// Adds what to do to the server's words where we know a common cause.
+fn explain_rejection(message: &str) -> String {
+    if message.contains("\"boolean\"") && message.contains("string") {
+        format!(
+            "{message} (a YAML 1.1 boolean such as yes, on or N landed in a string field; quote it, \
+             e.g. \"yes\")"
+        )
+    } else if message.contains("unknown field") {
+        format!("{message} (check the field's spelling and indentation)")
+    } else {
+        message.to_string()
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::response::{StatusCause, StatusDetails};
+
+    fn status(code: u16, message: &str, causes: Vec<StatusCause>) -> Status {
+        let mut status = Status::failure(message, "");
+        status.code = code;
+        status.details = Some(StatusDetails {
+            name: String::new(),
+            group: String::new(),
+            kind: String::new(),
+            uid: String::new(),
+            causes,
+            retry_after_seconds: 0,
+        });
+        status
+    }
+
+    #[test]
+    fn conflicts_name_field_and_manager() {
+        let err = classify_status(
+            status(
+                409,
+                "Apply failed with 1 conflict",
+                vec![StatusCause {
+                    reason: "FieldManagerConflict".into(),
+                    message: "conflict with \"kubectl-edit\" using apps/v1".into(),
+                    field: ".spec.replicas".into(),
+                }],
+            ),
+            "Deployment shop/web",
+            "apply",
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(".spec.replicas (manager \"kubectl-edit\")"),
+            "{text}"
+        );
+        assert!(text.contains("--force-conflicts"), "{text}");
+    }
+
+    #[test]
+    fn immutable_rejections_are_recognised() {
+        let err = classify_status(
+            status(
+                422,
+                "Pod \"p\" is invalid: spec: Forbidden: pod updates may not change fields other than ...",
+                vec![],
+            ),
+            "Pod shop/p",
+            "dry-run apply",
+        );
+        assert!(matches!(
+            err,
+            ClusterError::Rejected {
+                immutable: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn booleans_in_string_fields_get_a_hint() {
+        let text = explain_rejection(
+            "spec.mode: Invalid value: \"boolean\": spec.mode in body must be of type string",
+        );
+        assert!(text.contains("quote it"), "{text}");
+    }
+}

@@ -1,0 +1,14 @@
+//! kommit: a GitOps reconciler for Kubernetes. Git is the desired state; the cluster is made to
+//! match it one commit at a time, and every change in the cluster traces back to its commit.
+//!
+//! The pipeline, one way through: `source` (git) → `manifest` (YAML with origins) → `plan`
+//! (desired vs live, noise-free) → apply and prune (`cluster`), run by `reconcile`; `cli` only
+//! parses, calls and prints.
+
+pub mod cli;
+pub mod cluster;
+pub mod manifest;
+pub mod object;
+pub mod plan;
+pub mod reconcile;
+pub mod source;

@@ -1,0 +1,666 @@
+//! Git access: open a local repository in place or keep a bare mirror of a remote one, resolve a
+//! revision to a commit, and read the manifests under a path at that commit without a checkout.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use git2::{ErrorCode, FileMode, ObjectType, Oid, Repository, TreeWalkMode, TreeWalkResult};
+use sha2::{Digest, Sha256};
+
+/// Largest manifest file we read. The API server stores objects of at most ~1.5 MiB, so anything
+/// this large is a mistake (or an attack) rather than a manifest.
+pub const MAX_FILE_BYTES: usize = 8 * 1024 * 1024;
+
+const MANIFEST_EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+const MAX_SYMLINK_HOPS: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "{path} is not a git repository ({message}); pass the repository's top folder or a URL"
+    )]
+    NotARepository { path: String, message: String },
+    #[error(
+        "cannot fetch {url}: {message}; check the URL, the network and the credentials \
+         (KOMMIT_GIT_TOKEN for https, an ssh agent or KOMMIT_GIT_SSH_KEY for ssh)"
+    )]
+    Fetch { url: String, message: String },
+    #[error(
+        "cannot use the cache folder {path}: {message}; set KOMMIT_CACHE_DIR to a writable folder"
+    )]
+    Cache { path: String, message: String },
+    #[error(
+        "revision '{rev}' is not known in {repo}: {message}; use a branch, tag, commit SHA or \
+         an expression such as HEAD~2"
+    )]
+    BadRevision {
+        repo: String,
+        rev: String,
+        message: String,
+    },
+    #[error("path '{path}' does not exist at commit {commit} of {repo}; {hint}")]
+    PathNotFound {
+        repo: String,
+        commit: String,
+        path: String,
+        hint: String,
+    },
+    #[error("path '{path}' must be relative to the repository root and stay inside it")]
+    BadPath { path: String },
+    #[error(
+        "{file} is a symbolic link to '{target}', which points outside the repository; \
+         kommit only reads files inside the repository"
+    )]
+    SymlinkEscapes { file: String, target: String },
+    #[error("{file} is a symbolic link to '{target}', which {problem}")]
+    BadSymlink {
+        file: String,
+        target: String,
+        problem: String,
+    },
+    #[error(
+        "{file} is {size} bytes, over the {limit}-byte limit for a manifest file; \
+         split it or remove it from the synced path"
+    )]
+    FileTooLarge {
+        file: String,
+        size: usize,
+        limit: usize,
+    },
+    #[error("git error in {repo}: {message}")]
+    Git { repo: String, message: String },
+}
+
+impl SourceError {
+    fn git(repo: &str, err: git2::Error) -> Self {
+        SourceError::Git {
+            repo: repo.to_string(),
+            message: err.message().to_string(),
+        }
+    }
+}
+
+/// A commit as people know it: what `git log` shows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CommitInfo {
+    pub sha: String,
+    pub author: String,
+    pub email: String,
+    /// Seconds since the Unix epoch.
+    pub time: i64,
+    pub subject: String,
+}
+
+impl CommitInfo {
+    pub fn short_sha(&self) -> &str {
+        &self.sha[..self.sha.len().min(7)]
+    }
+
+    /// RFC 3339 (UTC) form of the commit time.
+    pub fn time_rfc3339(&self) -> String {
+        format_rfc3339(self.time)
+    }
+
+    fn from_commit(commit: &git2::Commit<'_>) -> Self {
+        let author = commit.author();
+        CommitInfo {
+            sha: commit.id().to_string(),
+            author: String::from_utf8_lossy(author.name_bytes()).into_owned(),
+            email: String::from_utf8_lossy(author.email_bytes()).into_owned(),
+            time: commit.time().seconds(),
+            subject: String::from_utf8_lossy(commit.summary_bytes().unwrap_or_default())
+                .into_owned(),
+        }
+    }
+}
+
+/// One manifest file read from a commit.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// Path from the repository root, with `/` separators.
+    pub path: String,
+    pub content: Vec<u8>,
+}
+
+/// A repository to read from: either the user's own checkout (read in place, never modified) or a
+/// bare mirror of a remote kept in the cache folder.
+pub struct GitSource {
+    // git2's Repository is Send but not Sync; the lock lets async code hold a &GitSource.
+    repo: Mutex<Repository>,
+    /// What the user gave us (path or URL), for messages.
+    display: String,
+    /// Stable identity of the repository, used for the inventory of what kommit applied.
+    identity: String,
+    remote_url: Option<String>,
+}
+
+impl std::fmt::Debug for GitSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitSource")
+            .field("display", &self.display)
+            .finish()
+    }
+}
+
+/// True when `spec` names a remote repository rather than a folder on this machine.
+pub fn is_remote(spec: &str) -> bool {
+    spec.contains("://") || looks_like_scp(spec)
+}
+
+fn looks_like_scp(spec: &str) -> bool {
+    // git@host:org/repo.git — a colon before any slash, and not a Windows drive letter.
+    match (spec.find(':'), spec.find('/')) {
+        (Some(colon), slash) => colon > 1 && slash.is_none_or(|s| colon < s) && spec.contains('@'),
+        _ => false,
+    }
+}
+
+/// Where bare mirrors of remote repositories live.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KOMMIT_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("kommit");
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        return PathBuf::from(home).join(".cache").join("kommit");
+    }
+    std::env::temp_dir().join("kommit-cache")
+}
+
+impl GitSource {
+    /// Opens a local repository in place, or mirrors a remote one into `cache_dir` (fetching it
+    /// when the mirror already exists).
+    pub fn open(spec: &str, cache_dir: &Path) -> Result<Self, SourceError> {
+        if is_remote(spec) {
+            Self::mirror(spec, cache_dir)
+        } else {
+            Self::open_local(spec)
+        }
+    }
+
+    fn open_local(spec: &str) -> Result<Self, SourceError> {
+        let path = Path::new(spec);
+        let repo = Repository::open(path).map_err(|e| SourceError::NotARepository {
+            path: spec.to_string(),
+            message: e.message().to_string(),
+        })?;
+        let root = repo
+            .workdir()
+            .unwrap_or_else(|| repo.path())
+            .canonicalize()
+            .unwrap_or_else(|_| path.to_path_buf());
+        let identity = root.to_string_lossy().trim_end_matches('/').to_string();
+        Ok(GitSource {
+            repo: Mutex::new(repo),
+            display: spec.to_string(),
+            identity,
+            remote_url: None,
+        })
+    }
+
+    fn mirror(url: &str, cache_dir: &Path) -> Result<Self, SourceError> {
+        let digest = hex(&Sha256::digest(url.as_bytes()));
+        let dir = cache_dir.join("repos").join(&digest[..24]);
+        let cache_err = |e: &dyn std::fmt::Display| SourceError::Cache {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| cache_err(&e))?;
+        let repo = match Repository::open_bare(&dir) {
+            Ok(repo) => repo,
+            Err(_) => Repository::init_bare(&dir).map_err(|e| cache_err(&e.message()))?,
+        };
+        let source = GitSource {
+            repo: Mutex::new(repo),
+            display: url.to_string(),
+            identity: url.trim_end_matches('/').to_string(),
+            remote_url: Some(url.to_string()),
+        };
+        source.fetch()?;
+        Ok(source)
+    }
+
+    /// Fetches every branch and tag of the remote into the mirror (no-op for a local repository).
+    pub fn fetch(&self) -> Result<(), SourceError> {
+        let Some(url) = &self.remote_url else {
+            return Ok(());
+        };
+        let _span = tracing::info_span!("fetch", repo = %url).entered();
+        let fetch_err = |e: git2::Error| SourceError::Fetch {
+            url: url.clone(),
+            message: e.message().to_string(),
+        };
+        let repo = self.repo();
+        let mut remote = repo.remote_anonymous(url).map_err(fetch_err)?;
+        let mut options = git2::FetchOptions::new();
+        options.remote_callbacks(credential_callbacks());
+        options.prune(git2::FetchPrune::On);
+        options.download_tags(git2::AutotagOption::All);
+        remote
+            .fetch(
+                &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+                Some(&mut options),
+                None,
+            )
+            .map_err(fetch_err)?;
+        // Point HEAD at the remote's default branch so that "no --rev" means what it means there.
+        if let Ok(default_branch) = remote.default_branch()
+            && let Ok(name) = default_branch.as_str()
+        {
+            repo.set_head(name).map_err(fetch_err)?;
+        }
+        Ok(())
+    }
+
+    /// The path or URL the user gave.
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    /// Stable identity of the repository: the canonical folder of a local repo, or the URL.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// True for a repository on this machine that kommit may commit to (revert, notes).
+    pub fn is_local(&self) -> bool {
+        self.remote_url.is_none()
+    }
+
+    /// The underlying repository, for the modules that write to git (audit).
+    pub fn repo(&self) -> MutexGuard<'_, Repository> {
+        self.repo
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Resolves a revision (branch, tag, SHA, `HEAD~2`; `None` means HEAD) to a commit.
+    pub fn resolve(&self, rev: Option<&str>) -> Result<CommitInfo, SourceError> {
+        let rev = rev.unwrap_or("HEAD");
+        let bad = |message: String| SourceError::BadRevision {
+            repo: self.display.clone(),
+            rev: rev.to_string(),
+            message,
+        };
+        let repo = self.repo();
+        let object = repo.revparse_single(rev).map_err(|e| {
+            if e.code() == ErrorCode::UnbornBranch
+                || e.code() == ErrorCode::NotFound && rev == "HEAD"
+            {
+                bad("the repository has no commits yet".to_string())
+            } else {
+                bad(e.message().to_string())
+            }
+        })?;
+        let commit = object
+            .peel_to_commit()
+            .map_err(|e| bad(format!("it does not name a commit ({})", e.message())))?;
+        Ok(CommitInfo::from_commit(&commit))
+    }
+
+    /// Looks up a commit by its full SHA.
+    pub fn commit(&self, sha: &str) -> Result<CommitInfo, SourceError> {
+        self.resolve(Some(sha))
+    }
+
+    /// Every manifest file (`*.yaml`, `*.yml`, `*.json`) under `path` at `commit`, recursively,
+    /// sorted by path. Symbolic links are followed inside the repository and refused outside it.
+    pub fn read_manifests(
+        &self,
+        commit: &CommitInfo,
+        path: &str,
+    ) -> Result<Vec<SourceFile>, SourceError> {
+        let _span =
+            tracing::info_span!("read_manifests", repo = %self.display, commit = %commit.short_sha(), path)
+                .entered();
+        let prefix = normalize_repo_path(path)?;
+        let repo = self.repo();
+        let git = |e| SourceError::git(&self.display, e);
+        let root = repo
+            .find_commit(Oid::from_str(&commit.sha).map_err(git)?)
+            .and_then(|c| c.tree())
+            .map_err(git)?;
+        let mut found: Vec<(String, Oid, i32)> = Vec::new();
+        let not_found = |hint: String| SourceError::PathNotFound {
+            repo: self.display.clone(),
+            commit: commit.short_sha().to_string(),
+            path: path.to_string(),
+            hint,
+        };
+        if prefix.is_empty() {
+            collect_tree(&root, "", &mut found).map_err(git)?;
+        } else {
+            let entry = root
+                .get_path(Path::new(&prefix))
+                .map_err(|_| not_found(top_level_hint(&root)))?;
+            match entry.kind() {
+                Some(ObjectType::Tree) => {
+                    let tree = repo.find_tree(entry.id()).map_err(git)?;
+                    collect_tree(&tree, &format!("{prefix}/"), &mut found).map_err(git)?;
+                }
+                Some(ObjectType::Blob) => {
+                    found.push((prefix.clone(), entry.id(), entry.filemode()))
+                }
+                _ => return Err(not_found("it is not a file or folder".to_string())),
+            }
+        }
+        found.retain(|(name, _, _)| has_manifest_extension(name));
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+
+        let reader = BlobReader {
+            repo: &repo,
+            display: &self.display,
+        };
+        let mut files = Vec::with_capacity(found.len());
+        for (name, oid, mode) in found {
+            let content = if mode == i32::from(FileMode::Link) {
+                reader.read_symlinked(&root, &name, oid)?
+            } else {
+                reader.read(&name, oid)?
+            };
+            files.push(SourceFile {
+                path: name,
+                content,
+            });
+        }
+        Ok(files)
+    }
+
+    /// For each file, the newest commit reachable from `commit` that changed it (what
+    /// `git log -1 -- FILE` shows), in one walk of the history. Files not settled within
+    /// `max_commits` are attributed to `commit` itself.
+    pub fn last_changes(
+        &self,
+        commit: &CommitInfo,
+        files: &[String],
+        max_commits: usize,
+    ) -> Result<HashMap<String, CommitInfo>, SourceError> {
+        let repo = self.repo();
+        let git = |e| SourceError::git(&self.display, e);
+        let mut pending: HashSet<&str> = files.iter().map(String::as_str).collect();
+        let mut found = HashMap::new();
+        let mut walk = repo.revwalk().map_err(git)?;
+        walk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::TIME)
+            .map_err(git)?;
+        walk.push(Oid::from_str(&commit.sha).map_err(git)?)
+            .map_err(git)?;
+        for oid in walk.take(max_commits) {
+            if pending.is_empty() {
+                break;
+            }
+            let current = repo.find_commit(oid.map_err(git)?).map_err(git)?;
+            let tree = current.tree().map_err(git)?;
+            let parent_tree = current.parent(0).ok().and_then(|p| p.tree().ok());
+            let changed: Vec<&str> = pending
+                .iter()
+                .copied()
+                .filter(|file| {
+                    let here = tree.get_path(Path::new(file)).ok().map(|e| e.id());
+                    let before = parent_tree
+                        .as_ref()
+                        .and_then(|t| t.get_path(Path::new(file)).ok())
+                        .map(|e| e.id());
+                    here != before
+                })
+                .collect();
+            for file in changed {
+                pending.remove(file);
+                found.insert(file.to_string(), CommitInfo::from_commit(&current));
+            }
+        }
+        for file in pending {
+            found.insert(file.to_string(), commit.clone());
+        }
+        Ok(found)
+    }
+}
+
+struct BlobReader<'r> {
+    repo: &'r Repository,
+    display: &'r str,
+}
+
+impl BlobReader<'_> {
+    fn read(&self, name: &str, oid: Oid) -> Result<Vec<u8>, SourceError> {
+        let git = |e| SourceError::git(self.display, e);
+        // Check the size from the object header before loading a huge blob into memory.
+        let (size, _) = self
+            .repo
+            .odb()
+            .and_then(|odb| odb.read_header(oid))
+            .map_err(git)?;
+        if size > MAX_FILE_BYTES {
+            return Err(SourceError::FileTooLarge {
+                file: name.to_string(),
+                size,
+                limit: MAX_FILE_BYTES,
+            });
+        }
+        Ok(self.repo.find_blob(oid).map_err(git)?.content().to_vec())
+    }
+
+    fn read_symlinked(
+        &self,
+        root: &git2::Tree<'_>,
+        name: &str,
+        link_oid: Oid,
+    ) -> Result<Vec<u8>, SourceError> {
+        let mut current_name = name.to_string();
+        let mut current_oid = link_oid;
+        for _ in 0..MAX_SYMLINK_HOPS {
+            let target_bytes = self.read(&current_name, current_oid)?;
+            let target = String::from_utf8_lossy(&target_bytes).into_owned();
+            let resolved = resolve_link(&current_name, &target).ok_or_else(|| {
+                SourceError::SymlinkEscapes {
+                    file: name.to_string(),
+                    target: target.clone(),
+                }
+            })?;
+            let entry =
+                root.get_path(Path::new(&resolved))
+                    .map_err(|_| SourceError::BadSymlink {
+                        file: name.to_string(),
+                        target: target.clone(),
+                        problem: "does not exist in this commit".to_string(),
+                    })?;
+            match entry.kind() {
+                Some(ObjectType::Blob) if entry.filemode() == i32::from(FileMode::Link) => {
+                    current_name = resolved;
+                    current_oid = entry.id();
+                }
+                Some(ObjectType::Blob) => return self.read(&resolved, entry.id()),
+                _ => {
+                    return Err(SourceError::BadSymlink {
+                        file: name.to_string(),
+                        target,
+                        problem: "is not a file (links to folders are not followed)".to_string(),
+                    });
+                }
+            }
+        }
+        Err(SourceError::BadSymlink {
+            file: name.to_string(),
+            target: String::new(),
+            problem: format!("takes more than {MAX_SYMLINK_HOPS} hops to resolve"),
+        })
+    }
+}
+
+fn collect_tree(
+    tree: &git2::Tree<'_>,
+    prefix: &str,
+    out: &mut Vec<(String, Oid, i32)>,
+) -> Result<(), git2::Error> {
+    tree.walk(TreeWalkMode::PreOrder, |dir, entry| {
+        if entry.kind() == Some(ObjectType::Blob)
+            && let Ok(name) = entry.name()
+        {
+            out.push((format!("{prefix}{dir}{name}"), entry.id(), entry.filemode()));
+        }
+        TreeWalkResult::Ok
+    })
+}
+
+fn has_manifest_extension(name: &str) -> bool {
+    Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|ext| MANIFEST_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str()))
+}
+
+fn top_level_hint(root: &git2::Tree<'_>) -> String {
+    let dirs: Vec<String> = root
+        .iter()
+        .filter(|e| e.kind() == Some(ObjectType::Tree))
+        .filter_map(|e| e.name().ok().map(str::to_string))
+        .take(10)
+        .collect();
+    if dirs.is_empty() {
+        "the repository root has no folders; omit --path".to_string()
+    } else {
+        format!("folders at the root: {}", dirs.join(", "))
+    }
+}
+
+/// `deploy/`, `./deploy`, `deploy//apps` → `deploy`, `deploy/apps`; `.` and `` → ``.
+pub fn normalize_repo_path(path: &str) -> Result<String, SourceError> {
+    let mut parts = Vec::new();
+    for component in Path::new(path).components() {
+        match component {
+            Component::CurDir => {}
+            Component::Normal(part) => parts.push(part.to_string_lossy().into_owned()),
+            _ => {
+                return Err(SourceError::BadPath {
+                    path: path.to_string(),
+                });
+            }
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// Resolves a symlink's target relative to the folder holding the link; `None` when the result
+/// would leave the repository (absolute target or too many `..`).
+fn resolve_link(link_path: &str, target: &str) -> Option<String> {
+    if target.starts_with('/') {
+        return None;
+    }
+    let mut parts: Vec<&str> = link_path.split('/').collect();
+    parts.pop();
+    for piece in target.split('/') {
+        match piece {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            other => parts.push(other),
+        }
+    }
+    if parts.is_empty() {
+        None
+    } else {
+        Some(parts.join("/"))
+    }
+}
+
+fn credential_callbacks() -> git2::RemoteCallbacks<'static> {
+    let mut callbacks = git2::RemoteCallbacks::new();
+    let mut attempts = 0;
+    callbacks.credentials(move |url, username, allowed| {
+        // libgit2 asks again after a rejected credential; give up rather than loop.
+        attempts += 1;
+        if attempts > 3 {
+            return Err(git2::Error::from_str(
+                "authentication failed (credentials were rejected)",
+            ));
+        }
+        let user = username.unwrap_or("git");
+        if allowed.contains(git2::CredentialType::SSH_KEY) {
+            if let Some(key) = std::env::var_os("KOMMIT_GIT_SSH_KEY") {
+                return git2::Cred::ssh_key(user, None, Path::new(&key), None);
+            }
+            return git2::Cred::ssh_key_from_agent(user);
+        }
+        if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
+            if let Ok(token) = std::env::var("KOMMIT_GIT_TOKEN") {
+                let name = std::env::var("KOMMIT_GIT_USERNAME").unwrap_or_else(|_| "git".into());
+                return git2::Cred::userpass_plaintext(&name, &token);
+            }
+            if let Ok(config) = git2::Config::open_default() {
+                return git2::Cred::credential_helper(&config, url, username);
+            }
+        }
+        git2::Cred::default()
+    });
+    callbacks
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (days-from-civil, no time crate).
+pub fn format_rfc3339(seconds: i64) -> String {
+    let days = seconds.div_euclid(86_400);
+    let secs = seconds.rem_euclid(86_400);
+    let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_specs_are_told_from_paths() {
+        assert!(is_remote("https://example.com/org/repo.git"));
+        assert!(is_remote("file:///srv/git/app"));
+        assert!(is_remote("git@example.com:org/repo.git"));
+        assert!(!is_remote("/home/me/repo"));
+        assert!(!is_remote("./repo"));
+        assert!(!is_remote("repo:with-colon/but-no-at"));
+    }
+
+    #[test]
+    fn repo_paths_are_normalized_and_kept_inside() {
+        assert_eq!(normalize_repo_path("./deploy/").unwrap(), "deploy");
+        assert_eq!(normalize_repo_path("deploy//apps").unwrap(), "deploy/apps");
+        assert_eq!(normalize_repo_path(".").unwrap(), "");
+        assert_eq!(normalize_repo_path("").unwrap(), "");
+        assert!(normalize_repo_path("../elsewhere").is_err());
+        assert!(normalize_repo_path("/etc").is_err());
+    }
+
+    #[test]
+    fn symlinks_resolve_inside_and_refuse_outside() {
+        assert_eq!(
+            resolve_link("a/b/link.yaml", "../c/real.yaml").as_deref(),
+            Some("a/c/real.yaml")
+        );
+        assert_eq!(
+            resolve_link("link.yaml", "real.yaml").as_deref(),
+            Some("real.yaml")
+        );
+        assert_eq!(resolve_link("a/link.yaml", "../../etc/passwd"), None);
+        assert_eq!(resolve_link("a/link.yaml", "/etc/passwd"), None);
+    }
+
+    #[test]
+    fn rfc3339_matches_known_instants() {
+        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+    }
+}
