@@ -1,0 +1,270 @@
+//! The harness every end-to-end test uses: the sandbox's kubeconfig, a fresh namespace per test
+//! (removed afterwards), throwaway git repositories with real commits, and runners for `kommit`
+//! and the sandbox's own `kubectl`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The sandbox's admin kubeconfig. Panics (never skips) when the sandbox is not running.
+pub fn kubeconfig() -> PathBuf {
+    let path = std::env::var_os("KOMMIT_TEST_KUBECONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/sandbox/kubeconfig"));
+    assert!(
+        path.exists(),
+        "the sandbox is not running ({} is missing): start it with `scripts/sandbox up`, or run \
+         the whole suite with `scripts/test`, which starts it",
+        path.display()
+    );
+    path
+}
+
+fn kubectl_binary() -> PathBuf {
+    let bundled = repo_root().join("target/sandbox/bin/kubectl");
+    if bundled.exists() {
+        bundled
+    } else {
+        PathBuf::from("kubectl")
+    }
+}
+
+/// Runs the sandbox's kubectl; returns its output whatever the exit code.
+pub fn kubectl(args: &[&str]) -> Output {
+    Command::new(kubectl_binary())
+        .arg("--kubeconfig")
+        .arg(kubeconfig())
+        .args(args)
+        .output()
+        .expect("kubectl runs")
+}
+
+/// Runs kubectl and returns stdout, panicking with its stderr when it fails.
+pub fn kubectl_ok(args: &[&str]) -> String {
+    let out = kubectl(args);
+    assert!(
+        out.status.success(),
+        "kubectl {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Applies a manifest given as text with kubectl.
+pub fn kubectl_apply(namespace: &str, manifest: &str, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("manifest.yaml");
+    std::fs::write(&file, manifest).unwrap();
+    let mut args = vec!["apply", "-n", namespace, "-f", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    kubectl_ok(&args)
+}
+
+/// A JSONPath query on one object.
+pub fn jsonpath(namespace: &str, object: &str, path: &str) -> String {
+    kubectl_ok(&[
+        "get",
+        "-n",
+        namespace,
+        object,
+        "-o",
+        &format!("jsonpath={path}"),
+    ])
+}
+
+/// A namespace of its own for one test; deleted (without waiting) when dropped.
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub fn new(test: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let slug: String = test
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .take(36)
+            .collect();
+        let name = format!(
+            "t-{}-{}-{}",
+            slug.trim_matches('-'),
+            std::process::id() % 100_000,
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        kubectl_ok(&["create", "namespace", &name]);
+        // Pods need the namespace's default ServiceAccount, which a controller creates.
+        wait_until(
+            Duration::from_secs(30),
+            "the default ServiceAccount exists",
+            || {
+                kubectl(&["get", "serviceaccount", "default", "-n", &name])
+                    .status
+                    .success()
+            },
+        );
+        TestNamespace { name }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// Polls `check` until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A throwaway git repository with real commits, made by the `git` command line.
+pub struct GitRepo {
+    dir: tempfile::TempDir,
+}
+
+impl GitRepo {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("kommit-repo-")
+            .tempdir()
+            .unwrap();
+        let repo = GitRepo { dir };
+        repo.git(&["init", "-q", "-b", "main"]);
+        repo
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path_str(&self) -> &str {
+        self.dir.path().to_str().unwrap()
+    }
+
+    /// Runs git in the repository with a fixed identity; returns stdout.
+    pub fn git(&self, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("GIT_AUTHOR_NAME", "Ada Lovelace")
+            .env("GIT_AUTHOR_EMAIL", "ada@example.com")
+            .env("GIT_COMMITTER_NAME", "Ada Lovelace")
+            .env("GIT_COMMITTER_EMAIL", "ada@example.com")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("HOME", self.dir.path())
+            .output()
+            .expect("git runs");
+        assert!(
+            out.status.success(),
+            "git {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn write(&self, path: &str, content: &str) -> &Self {
+        let file = self.dir.path().join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, content).unwrap();
+        self
+    }
+
+    pub fn remove(&self, path: &str) -> &Self {
+        self.git(&["rm", "-q", "-r", path]);
+        self
+    }
+
+    /// Commits everything; returns the new commit's full SHA.
+    pub fn commit(&self, message: &str) -> String {
+        self.git(&["add", "-A"]);
+        self.git(&["commit", "-q", "--allow-empty", "-m", message]);
+        self.head()
+    }
+
+    pub fn head(&self) -> String {
+        self.git(&["rev-parse", "HEAD"])
+    }
+}
+
+/// The outcome of one kommit run.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs the kommit binary against the sandbox.
+pub fn kommit(args: &[&str]) -> Run {
+    kommit_with_env(args, &[])
+}
+
+pub fn kommit_with_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kommit"));
+    command
+        .args(args)
+        .env("KUBECONFIG", kubeconfig())
+        .env("NO_COLOR", "1")
+        .env_remove("KOMMIT_LOG");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let out = command.output().expect("kommit runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Waits like `kubectl rollout status` for a Deployment.
+pub fn rollout_status(namespace: &str, deployment: &str, timeout: &str) -> Output {
+    kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        namespace,
+        &format!("deployment/{deployment}"),
+        &format!("--timeout={timeout}"),
+    ])
+}
