@@ -11,4 +11,5 @@ pub mod manifest;
 pub mod object;
 pub mod plan;
 pub mod reconcile;
+pub mod rollout;
 pub mod source;

@@ -70,6 +70,9 @@ func runEtcd(args []string) int {
 
 // runKwok runs kwok the way its own main does: log and config flags first, then the command.
 func runKwok() int {
+	// Kubernetes' verflag registers a global --version of its own type at init, which clashes
+	// with kwok's boolean --version; this process runs kwok alone, so start from a clean set.
+	pflag.CommandLine = pflag.NewFlagSet(os.Args[0], pflag.ContinueOnError)
 	flagset := pflag.NewFlagSet("global", pflag.ContinueOnError)
 	flagset.ParseErrorsAllowlist.UnknownFlags = true
 	flagset.Usage = func() {}

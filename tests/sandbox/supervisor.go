@@ -304,7 +304,6 @@ func writeKwokConfig(path string) error {
 		lines[i] = strings.TrimRight(b.String(), "\n")
 	}
 	docs := []string{
-		"apiVersion: config.kwok.x-k8s.io/v1alpha1\nkind: KwokConfiguration\noptions: {}\n",
 		nodefast.DefaultNodeInit,
 		nodeheartbeat.DefaultNodeHeartbeatWithLease,
 		podfast.DefaultPodComplete,
