@@ -215,6 +215,82 @@ pub fn mask_secrets(key: &ObjectKey, before: Option<&mut Value>, after: Option<&
     }
 }
 
+fn set_pointer(target: &mut Value, pointer: &str, value: Value) {
+    let mut current = target;
+    let parts: Vec<&str> = pointer.trim_start_matches('/').split('/').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let Some(map) = current.as_object_mut() else {
+            return;
+        };
+        if i + 1 == parts.len() {
+            map.insert((*part).to_string(), value);
+            return;
+        }
+        current = map
+            .entry((*part).to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+}
+
+/// The `fieldsV1` set a field manager owns through server-side apply, from `managedFields`.
+pub fn owned_fields<'a>(live: &'a Value, manager: &str) -> Option<&'a Value> {
+    live.pointer("/metadata/managedFields")?
+        .as_array()?
+        .iter()
+        .find(|entry| {
+            entry.get("manager").and_then(Value::as_str) == Some(manager)
+                && entry.get("operation").and_then(Value::as_str) == Some("Apply")
+        })?
+        .get("fieldsV1")
+}
+
+/// The part of `value` named by a `fieldsV1` set: `f:name` map keys, `k:{..}` list items by
+/// their keys, `v:..` set items by value, `i:N` items by index.
+pub fn project_fields(value: &Value, fields: &Value) -> Value {
+    let Some(fields) = fields.as_object() else {
+        return value.clone();
+    };
+    // An owned leaf (or an atomic value) is taken whole.
+    if fields.keys().all(|k| k == ".") {
+        return value.clone();
+    }
+    match value {
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (path, sub) in fields {
+                if let Some(name) = path.strip_prefix("f:")
+                    && let Some(child) = map.get(name)
+                {
+                    out.insert(name.to_string(), project_fields(child, sub));
+                }
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .enumerate()
+                .filter_map(|(index, item)| {
+                    fields.iter().find_map(|(path, sub)| {
+                        let matches = if let Some(keys) = path.strip_prefix("k:") {
+                            serde_json::from_str::<Map<String, Value>>(keys)
+                                .is_ok_and(|keys| keys.iter().all(|(k, v)| item.get(k) == Some(v)))
+                        } else if let Some(set_value) = path.strip_prefix("v:") {
+                            serde_json::from_str::<Value>(set_value).is_ok_and(|v| &v == item)
+                        } else if let Some(position) = path.strip_prefix("i:") {
+                            position.parse::<usize>() == Ok(index)
+                        } else {
+                            false
+                        };
+                        matches.then(|| project_fields(item, sub))
+                    })
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 /// The part of `live` that `desired` speaks about: maps keep only the keys desired has, lists are
 /// compared item by item. Used where no dry run can show the server's view (replaces).
 pub fn project(live: &Value, desired: &Value) -> Value {
@@ -289,7 +365,26 @@ pub fn creation_diff(key: &ObjectKey, desired: &Value, to_label: &str) -> String
 /// The diff of an object that is deleted and created again (immutable fields changed).
 pub fn replacement_diff(key: &ObjectKey, live: &Value, desired: &Value, to_label: &str) -> String {
     let mut after = normalize(desired);
-    let mut before = project(&normalize(live), &after);
+    // What kommit applied last is exactly the live fields it owns; without that record, the
+    // part of the live object the desired one speaks about.
+    let mut before = match owned_fields(live, crate::object::FIELD_MANAGER) {
+        Some(fields) => {
+            let mut owned = project_fields(live, fields);
+            // fieldsV1 never lists the identity; it is part of every manifest.
+            for pointer in [
+                "/apiVersion",
+                "/kind",
+                "/metadata/name",
+                "/metadata/namespace",
+            ] {
+                if let Some(value) = live.pointer(pointer) {
+                    set_pointer(&mut owned, pointer, value.clone());
+                }
+            }
+            normalize(&owned)
+        }
+        None => project(&normalize(live), &after),
+    };
     mask_secrets(key, Some(&mut before), Some(&mut after));
     unified_diff(
         &to_yaml(&before),
@@ -415,6 +510,30 @@ mod tests {
         );
         assert!(
             diff.contains("-      value: \"1\"\n+      value: \"2\""),
+            "{diff}"
+        );
+    }
+
+    #[test]
+    fn replacements_compare_with_what_kommit_applied_last() {
+        let pod_key = ObjectKey::new("", "Pod", Some("shop"), "debug");
+        // The server added a service-account mount kommit never wrote; the user removed env B.
+        let live = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "debug",
+            "managedFields": [{"manager": "kommit", "operation": "Apply", "fieldsV1": {
+                "f:metadata": {"f:labels": {"f:app": {}}},
+                "f:spec": {"f:containers": {"k:{\"name\":\"c\"}": {".": {}, "f:name": {}, "f:image": {},
+                    "f:env": {"k:{\"name\":\"A\"}": {".": {}, "f:name": {}, "f:value": {}},
+                              "k:{\"name\":\"B\"}": {".": {}, "f:name": {}, "f:value": {}}}}}}}}],
+            "labels": {"app": "debug"}},
+            "spec": {"containers": [{"name": "c", "image": "busybox",
+                "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
+                "volumeMounts": [{"name": "kube-api-access-x1y2z", "mountPath": "/var/run/secrets"}]}]}});
+        let desired = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "debug", "labels": {"app": "debug"}},
+            "spec": {"containers": [{"name": "c", "image": "busybox", "env": [{"name": "A", "value": "1"}]}]}});
+        let diff = replacement_diff(&pod_key, &live, &desired, "git");
+        assert!(!diff.contains("kube-api-access"), "{diff}");
+        assert!(
+            diff.contains("-    - name: B\n-      value: \"2\""),
             "{diff}"
         );
     }

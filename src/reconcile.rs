@@ -643,6 +643,9 @@ async fn list_inventory(
         .try_collect()
         .await?;
     let mut all: Vec<(ResourceType, Value)> = found.into_iter().flatten().collect();
+    // Controllers copy labels onto what they make (Endpoints and EndpointSlices take their
+    // Service's); only objects that also carry kommit's annotation and no controller are ours.
+    all.retain(|(_, v)| is_ours(v));
     // The same object may be served by two groups (e.g. events); keep one entry per identity.
     let mut seen = HashSet::new();
     all.retain(|(_, v)| ObjectKey::of_value(v).is_some_and(|k| seen.insert(k)));
@@ -681,6 +684,19 @@ async fn foreign_objects(
     all.sort();
     all.truncate(5);
     Ok(all)
+}
+
+/// Applied by kommit itself rather than derived from something it applied.
+fn is_ours(item: &Value) -> bool {
+    let annotated = object::metadata_entry(item, "annotations", SOURCE_ANNOTATION).is_some();
+    let controlled = item
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .is_some_and(|refs| {
+            refs.iter()
+                .any(|r| r.get("controller") == Some(&Value::Bool(true)))
+        });
+    annotated && !controlled
 }
 
 /// Ours, or made by Kubernetes itself (owned by another object, or the per-namespace defaults).
@@ -1055,6 +1071,17 @@ mod tests {
         assert_eq!(annotations[CHANGE_CAUSE_ANNOTATION], "aaaaaaa Bump web");
         assert_eq!(annotations[AUTHOR_ANNOTATION], "Ada <ada@x>");
         assert_eq!(annotations[FILE_ANNOTATION], "deploy/web.yaml:1");
+    }
+
+    #[test]
+    fn copies_of_our_label_are_not_our_objects() {
+        let ours = json!({"metadata": {"labels": {INVENTORY_LABEL: "i"}, "annotations": {SOURCE_ANNOTATION: "r#p"}}});
+        let endpoints = json!({"metadata": {"labels": {INVENTORY_LABEL: "i"}}});
+        let slice = json!({"metadata": {"labels": {INVENTORY_LABEL: "i"}, "annotations": {SOURCE_ANNOTATION: "r#p"},
+            "ownerReferences": [{"kind": "Service", "controller": true}]}});
+        assert!(is_ours(&ours));
+        assert!(!is_ours(&endpoints));
+        assert!(!is_ours(&slice));
     }
 
     #[test]

@@ -117,7 +117,8 @@ pub fn pod_failures(pod: &Value) -> Vec<FailureSignal> {
             let restarts = int(status, "/restartCount").unwrap_or(0);
             let waiting = text(status, "/state/waiting/reason");
             let failing_reason = waiting.filter(|r| FAILING_REASONS.contains(r));
-            let restarting = restarts >= RESTART_LIMIT && status.get("ready") != Some(&Value::Bool(true));
+            let restarting =
+                restarts >= RESTART_LIMIT && status.get("ready") != Some(&Value::Bool(true));
             if failing_reason.is_some() || restarting {
                 signals.push(FailureSignal {
                     pod: name(pod).to_string(),
@@ -142,10 +143,17 @@ pub fn pod_health(pod: &Value) -> Verdict {
             Health::Degraded,
             text(pod, "/status/reason").map_or("failed".to_string(), |r| format!("failed: {r}")),
         ),
-        _ if condition(pod, "Ready").and_then(|c| c.get("status")).and_then(Value::as_str) == Some("True") => {
+        _ if condition(pod, "Ready")
+            .and_then(|c| c.get("status"))
+            .and_then(Value::as_str)
+            == Some("True") =>
+        {
             Verdict::new(Health::Healthy, "ready")
         }
-        Some(phase) => Verdict::new(Health::Progressing, format!("{} (not ready yet)", phase.to_lowercase())),
+        Some(phase) => Verdict::new(
+            Health::Progressing,
+            format!("{} (not ready yet)", phase.to_lowercase()),
+        ),
         None => Verdict::new(Health::Progressing, "not scheduled yet"),
     }
 }
@@ -159,7 +167,10 @@ pub fn deployment_health(deployment: &Value, new_pods: &[Value]) -> (Verdict, Ve
     let observed = int(deployment, "/status/observedGeneration").unwrap_or(0);
     if observed < generation {
         return (
-            Verdict::new(Health::Progressing, "waiting for the controller to see the new spec"),
+            Verdict::new(
+                Health::Progressing,
+                "waiting for the controller to see the new spec",
+            ),
             signals,
         );
     }
@@ -180,14 +191,24 @@ pub fn deployment_health(deployment: &Value, new_pods: &[Value]) -> (Verdict, Ve
     let progress = format!(
         "{updated}/{desired} updated, {}/{desired} available{}",
         available.min(updated),
-        if old > 0 { format!(", {old} old pending") } else { String::new() }
+        if old > 0 {
+            format!(", {old} old pending")
+        } else {
+            String::new()
+        }
     );
     if let Some(signal) = signals.first() {
-        return (Verdict::new(Health::Degraded, format!("{progress}; {signal}")), signals);
+        return (
+            Verdict::new(Health::Degraded, format!("{progress}; {signal}")),
+            signals,
+        );
     }
     let healthy = updated >= desired && old == 0 && available >= updated;
     if healthy {
-        (Verdict::new(Health::Healthy, format!("{desired}/{desired} ready")), signals)
+        (
+            Verdict::new(Health::Healthy, format!("{desired}/{desired} ready")),
+            signals,
+        )
     } else {
         (Verdict::new(Health::Progressing, progress), signals)
     }
@@ -220,9 +241,17 @@ pub fn generic_health(group: &str, kind: &str, live: Option<&Value>) -> Verdict 
             }
         }
         ("batch", "Job") => {
-            if condition(live, "Failed").and_then(|c| c.get("status")).and_then(Value::as_str) == Some("True") {
+            if condition(live, "Failed")
+                .and_then(|c| c.get("status"))
+                .and_then(Value::as_str)
+                == Some("True")
+            {
                 Verdict::new(Health::Degraded, "the job failed")
-            } else if condition(live, "Complete").and_then(|c| c.get("status")).and_then(Value::as_str) == Some("True") {
+            } else if condition(live, "Complete")
+                .and_then(|c| c.get("status"))
+                .and_then(Value::as_str)
+                == Some("True")
+            {
                 Verdict::new(Health::Healthy, "complete")
             } else {
                 Verdict::new(Health::Progressing, "running")
@@ -241,8 +270,10 @@ pub fn generic_health(group: &str, kind: &str, live: Option<&Value>) -> Verdict 
 pub fn has_rollout(group: &str, kind: &str) -> bool {
     matches!(
         (group, kind),
-        ("apps", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet")
-            | ("", "Pod" | "PersistentVolumeClaim")
+        (
+            "apps",
+            "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet"
+        ) | ("", "Pod" | "PersistentVolumeClaim")
             | ("batch", "Job")
     )
 }
@@ -252,7 +283,14 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn deployment(generation: i64, observed: i64, desired: i64, updated: i64, total: i64, available: i64) -> Value {
+    fn deployment(
+        generation: i64,
+        observed: i64,
+        desired: i64,
+        updated: i64,
+        total: i64,
+        available: i64,
+    ) -> Value {
         json!({
             "metadata": {"name": "web", "generation": generation},
             "spec": {"replicas": desired},
@@ -276,11 +314,25 @@ mod tests {
         let (v, _) = deployment_health(&deployment(2, 1, 3, 3, 3, 3), &[]);
         assert_eq!(v.health, Health::Progressing);
         let (v, _) = deployment_health(&deployment(2, 2, 3, 2, 4, 3), &[]);
-        assert_eq!(v, Verdict::new(Health::Progressing, "2/3 updated, 2/3 available, 2 old pending"));
+        assert_eq!(
+            v,
+            Verdict::new(
+                Health::Progressing,
+                "2/3 updated, 2/3 available, 2 old pending"
+            )
+        );
         let (v, _) = deployment_health(&deployment(2, 2, 3, 3, 4, 3), &[]);
-        assert_eq!(v.health, Health::Progressing, "an old replica is still terminating");
+        assert_eq!(
+            v.health,
+            Health::Progressing,
+            "an old replica is still terminating"
+        );
         let (v, _) = deployment_health(&deployment(2, 2, 3, 3, 3, 2), &[]);
-        assert_eq!(v.health, Health::Progressing, "not all updated replicas are available");
+        assert_eq!(
+            v.health,
+            Health::Progressing,
+            "not all updated replicas are available"
+        );
         let (v, _) = deployment_health(&deployment(2, 2, 3, 3, 3, 3), &[]);
         assert_eq!(v, Verdict::new(Health::Healthy, "3/3 ready"));
     }
@@ -291,16 +343,26 @@ mod tests {
         d["status"]["conditions"] = json!([{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]);
         let (v, _) = deployment_health(&d, &[pod("web-new", Some("CrashLoopBackOff"), 4, false)]);
         assert_eq!(v.health, Health::Degraded);
-        assert!(v.message.contains("progress deadline") && v.message.contains("web-new"), "{}", v.message);
+        assert!(
+            v.message.contains("progress deadline") && v.message.contains("web-new"),
+            "{}",
+            v.message
+        );
     }
 
     #[test]
     fn crash_loops_and_pull_errors_of_new_pods_are_failure_signals() {
-        let (v, signals) = deployment_health(&deployment(2, 2, 3, 1, 4, 3), &[pod("web-new", Some("ImagePullBackOff"), 0, false)]);
+        let (v, signals) = deployment_health(
+            &deployment(2, 2, 3, 1, 4, 3),
+            &[pod("web-new", Some("ImagePullBackOff"), 0, false)],
+        );
         assert_eq!(v.health, Health::Degraded);
         assert_eq!(signals[0].reason, "ImagePullBackOff");
         assert!(pod_failures(&pod("p", None, 5, false))[0].reason == "restarting");
-        assert!(pod_failures(&pod("p", None, 5, true)).is_empty(), "a ready pod that once restarted is fine");
+        assert!(
+            pod_failures(&pod("p", None, 5, true)).is_empty(),
+            "a ready pod that once restarted is fine"
+        );
         assert!(pod_failures(&pod("p", Some("ContainerCreating"), 0, false)).is_empty());
     }
 
@@ -309,16 +371,35 @@ mod tests {
         assert_eq!(pod_health(&pod("p", None, 0, true)).health, Health::Healthy);
         let crashing = pod_health(&pod("p", Some("CrashLoopBackOff"), 2, false));
         assert_eq!(crashing.health, Health::Degraded);
-        assert_eq!(crashing.message, "pod p container app is in CrashLoopBackOff (2 restarts)");
-        assert_eq!(pod_health(&json!({"metadata": {"name": "p"}, "status": {"phase": "Pending"}})).health, Health::Progressing);
-        assert_eq!(pod_health(&json!({"metadata": {"name": "p"}, "status": {"phase": "Succeeded"}})).health, Health::Healthy);
+        assert_eq!(
+            crashing.message,
+            "pod p container app is in CrashLoopBackOff (2 restarts)"
+        );
+        assert_eq!(
+            pod_health(&json!({"metadata": {"name": "p"}, "status": {"phase": "Pending"}})).health,
+            Health::Progressing
+        );
+        assert_eq!(
+            pod_health(&json!({"metadata": {"name": "p"}, "status": {"phase": "Succeeded"}}))
+                .health,
+            Health::Healthy
+        );
     }
 
     #[test]
     fn other_kinds_are_healthy_when_present() {
-        assert_eq!(generic_health("", "ConfigMap", Some(&json!({}))).health, Health::Healthy);
-        assert_eq!(generic_health("", "ConfigMap", None).health, Health::Missing);
+        assert_eq!(
+            generic_health("", "ConfigMap", Some(&json!({}))).health,
+            Health::Healthy
+        );
+        assert_eq!(
+            generic_health("", "ConfigMap", None).health,
+            Health::Missing
+        );
         let job = json!({"status": {"conditions": [{"type": "Failed", "status": "True"}]}});
-        assert_eq!(generic_health("batch", "Job", Some(&job)).health, Health::Degraded);
+        assert_eq!(
+            generic_health("batch", "Job", Some(&job)).health,
+            Health::Degraded
+        );
     }
 }

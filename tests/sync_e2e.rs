@@ -172,7 +172,8 @@ fn an_image_change_diffs_as_that_line_and_rolls_out() {
     let changed: Vec<&str> = planned
         .stdout
         .lines()
-        .map(str::trim_start)
+        // Diff lines are indented by four spaces in the text output.
+        .filter_map(|l| l.strip_prefix("    "))
         .filter(|l| {
             (l.starts_with('+') || l.starts_with('-'))
                 && !l.starts_with("+++")
@@ -181,7 +182,7 @@ fn an_image_change_diffs_as_that_line_and_rolls_out() {
         .collect();
     assert_eq!(
         changed,
-        ["-    image: nginx:1.25", "+    image: nginx:1.26"],
+        ["-        image: nginx:1.25", "+        image: nginx:1.26"],
         "{planned:?}"
     );
     assert!(
@@ -258,8 +259,9 @@ fn a_pod_spec_change_is_planned_and_done_as_a_replace() {
     assert!(planned.stdout.contains("replace"), "{planned:?}");
     assert!(planned.stdout.contains("1 to replace"), "{planned:?}");
     assert!(
-        planned.stdout.contains("+          value: debug")
-            || planned.stdout.contains("+        value: debug"),
+        planned
+            .stdout
+            .contains("    -      value: info\n    +      value: debug\n"),
         "{planned:?}"
     );
 
@@ -373,6 +375,16 @@ fn a_broken_commit_changes_nothing_and_says_where() {
     let ns = TestNamespace::new("broken-commit");
     let repo = shop_repo(&ns.name);
     assert_eq!(sync(&repo, &[]).code, 0);
+    // Let the controllers finish writing status before taking the snapshot.
+    assert!(rollout_status(&ns.name, "web", "120s").status.success());
+    kubectl_ok(&[
+        "wait",
+        "-n",
+        &ns.name,
+        "pod/log-shipper",
+        "--for=condition=Ready",
+        "--timeout=60s",
+    ]);
     let before = resource_versions(&ns.name);
 
     // A good change next to a YAML error: neither is applied.
