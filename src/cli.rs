@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cluster::{Cluster, ConnectOptions};
 use crate::plan::{self, Action, Plan};
-use crate::reconcile::{self, Policy, Target};
+use crate::reconcile::{self, ObjectHealth, Policy, Target, WaitOptions, WaitOutcome};
+use crate::rollout::Health;
 use crate::source::{GitSource, default_cache_dir};
 
 /// Exit codes, like `git diff --exit-code` and `kubectl diff`.
@@ -16,6 +17,8 @@ pub mod exit {
     pub const OK: u8 = 0;
     pub const CHANGES: u8 = 1;
     pub const ERROR: u8 = 2;
+    /// The commit was applied (or skipped) but its rollout failed; rolled back if asked.
+    pub const ROLLOUT_FAILED: u8 = 3;
 }
 
 #[derive(Debug, Parser)]
@@ -88,6 +91,42 @@ pub enum Command {
         /// Allow pruning every object of the source, or more than --max-prune
         #[arg(long)]
         allow_mass_prune: bool,
+        #[command(flatten)]
+        rollout: RolloutArgs,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Apply an earlier revision and pin the cluster to it (until `sync --unpin`)
+    Rollback {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// The revision to go back to (branch, tag, SHA, HEAD~1, ...)
+        #[arg(long, value_name = "REV")]
+        to: String,
+        #[command(flatten)]
+        rollout: RolloutArgs,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Commit a `git revert` of REV in a local repository and sync the result
+    Revert {
+        /// The commit to revert
+        #[arg(value_name = "REV")]
+        commit: String,
+        #[command(flatten)]
+        source: SourceArgs,
+        #[command(flatten)]
+        rollout: RolloutArgs,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Each revision of the source's Deployments with its ReplicaSet, commit, author and outcome
+    History {
+        /// One Deployment: deploy/NAME (default: all of the source's)
+        #[arg(value_name = "deploy/NAME")]
+        deployment: Option<String>,
+        #[command(flatten)]
+        source: SourceArgs,
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -98,6 +137,80 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RolloutArgs {
+    /// Do not wait for the applied objects to become healthy
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait for health before calling the rollout failed (e.g. 90s, 5m)
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: std::time::Duration,
+    /// How long a pod may crash-loop or fail to pull before the rollout is called failed
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub fail_after: std::time::Duration,
+    /// When the rollout fails, re-apply the last commit that was healthy
+    #[arg(long)]
+    pub auto_rollback: bool,
+    /// With a local repository, also commit a `git revert` of a commit whose rollout failed
+    #[arg(long)]
+    pub revert_on_failure: bool,
+    /// Apply a commit even though its rollout failed before
+    #[arg(long)]
+    pub retry: bool,
+    /// Follow the branch again after `kommit rollback` pinned the cluster
+    #[arg(long)]
+    pub unpin: bool,
+    /// Write each outcome as a git note (refs/notes/kommit) in a local repository
+    #[arg(long)]
+    pub record_notes: bool,
+}
+
+/// Durations as people write them: `90`, `90s`, `5m`, `1h`, `1m30s`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("'{text}' is not a duration; write e.g. 90s, 5m or 1h");
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(seconds));
+    }
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let value: u64 = number.parse().map_err(|_| bad())?;
+        number.clear();
+        total += value
+            * match c {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                _ => return Err(bad()),
+            };
+    }
+    if !number.is_empty() || text.is_empty() {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs(total))
+}
+
+impl RolloutArgs {
+    fn apply_to(&self, policy: Policy) -> Policy {
+        Policy {
+            wait: (!self.no_wait).then_some(WaitOptions {
+                timeout: self.timeout,
+                fail_after: self.fail_after,
+            }),
+            auto_rollback: self.auto_rollback,
+            revert_on_failure: self.revert_on_failure,
+            retry_failed: self.retry,
+            unpin: self.unpin,
+            record_notes: self.record_notes,
+            ..policy
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -207,7 +320,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 dry_run: true,
                 ..Policy::default()
             };
-            let report = reconcile::sync(&git, &mut cluster, &target, &policy).await?;
+            let report = reconcile::sync(&git, &mut cluster, &target, &policy, &|_| {}).await?;
             print_plan(&report.plan, output, color)?;
             Ok(if report.plan.summary().has_changes() {
                 exit::CHANGES
@@ -222,18 +335,104 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             force_conflicts,
             max_prune,
             allow_mass_prune,
+            rollout,
             output,
         } => {
             let (git, mut cluster, target) = open(&source, &connect).await?;
-            let policy = Policy {
+            let policy = rollout.apply_to(Policy {
                 prune,
                 dry_run,
                 force_conflicts,
                 max_prune,
                 allow_mass_prune,
-            };
-            let report = reconcile::sync(&git, &mut cluster, &target, &policy).await?;
+                ..Policy::default()
+            });
+            let progress = ProgressView::new(output == Output::Text);
+            let report =
+                reconcile::sync(&git, &mut cluster, &target, &policy, &|h| progress.show(h))
+                    .await?;
+            progress.finish();
             print_sync(&report, output, color)?;
+            Ok(if report.failed() {
+                exit::ROLLOUT_FAILED
+            } else {
+                exit::OK
+            })
+        }
+        Command::Rollback {
+            source,
+            to,
+            rollout,
+            output,
+        } => {
+            let (git, mut cluster, mut target) = open(&source, &connect).await?;
+            target.rev = Some(to);
+            let policy = rollout.apply_to(Policy::default());
+            let progress = ProgressView::new(output == Output::Text);
+            let report =
+                reconcile::rollback_to(&git, &mut cluster, &target, &policy, &|h| progress.show(h))
+                    .await?;
+            progress.finish();
+            print_sync(&report, output, color)?;
+            if report.failed() {
+                return Ok(exit::ROLLOUT_FAILED);
+            }
+            if output == Output::Text {
+                eprintln!(
+                    "The cluster is pinned to {}: `kommit sync` of the branch will refuse until you pass --unpin.",
+                    report.plan.source.commit.short_sha()
+                );
+            }
+            Ok(exit::OK)
+        }
+        Command::Revert {
+            commit,
+            source,
+            rollout,
+            output,
+        } => {
+            let (git, mut cluster, target) = open(&source, &connect).await?;
+            let bad = git.resolve(Some(&commit))?;
+            let reverted = reconcile::revert_commit(&git, &bad, None)?;
+            if output == Output::Text {
+                eprintln!(
+                    "Committed {} \"{}\"; syncing it.",
+                    reverted.short_sha(),
+                    reverted.subject
+                );
+            }
+            let target = Target {
+                rev: None,
+                ..target
+            };
+            let policy = rollout.apply_to(Policy::default());
+            let progress = ProgressView::new(output == Output::Text);
+            let report =
+                reconcile::sync(&git, &mut cluster, &target, &policy, &|h| progress.show(h))
+                    .await?;
+            progress.finish();
+            print_sync(&report, output, color)?;
+            Ok(if report.failed() {
+                exit::ROLLOUT_FAILED
+            } else {
+                exit::OK
+            })
+        }
+        Command::History {
+            deployment,
+            source,
+            output,
+        } => {
+            let (git, cluster, target) = open(&source, &connect).await?;
+            let only = deployment.as_deref().map(|spec| {
+                spec.strip_prefix("deploy/")
+                    .or_else(|| spec.strip_prefix("deployment/"))
+                    .or_else(|| spec.strip_prefix("deployments/"))
+                    .unwrap_or(spec)
+                    .to_string()
+            });
+            let rows = reconcile::history(&git, &cluster, &target, only.as_deref()).await?;
+            print_history(&rows, output)?;
             Ok(exit::OK)
         }
         Command::Status { source, output } => {
@@ -244,8 +443,82 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 ..Policy::default()
             };
             let prepared = reconcile::prepare(&git, &cluster, &target, &policy).await?;
-            print_status(&prepared.plan, output, color)?;
+            let health = reconcile::health(&cluster, &prepared).await?;
+            let record = reconcile::load_record(&git, &cluster, &target, &prepared.plan).await?;
+            print_status(&prepared.plan, &health, &record, output, color)?;
             Ok(exit::OK)
+        }
+    }
+}
+
+/// Shows rollout progress: live lines on a terminal, a log line per change otherwise.
+struct ProgressView {
+    enabled: bool,
+    terminal: bool,
+    multi: indicatif::MultiProgress,
+    bars: std::sync::Mutex<Vec<(crate::object::ObjectKey, indicatif::ProgressBar, String)>>,
+}
+
+impl ProgressView {
+    fn new(enabled: bool) -> Self {
+        ProgressView {
+            enabled,
+            terminal: std::io::stderr().is_terminal(),
+            multi: indicatif::MultiProgress::with_draw_target(
+                indicatif::ProgressDrawTarget::stderr(),
+            ),
+            bars: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn show(&self, objects: &[ObjectHealth]) {
+        if !self.enabled {
+            return;
+        }
+        let mut bars = self.bars.lock().unwrap_or_else(|p| p.into_inner());
+        for object in objects
+            .iter()
+            .filter(|o| crate::rollout::has_rollout(&o.key.group, &o.key.kind))
+        {
+            let line = format!("{}: {}", object.key, object.message);
+            match bars.iter_mut().find(|(k, _, _)| k == &object.key) {
+                Some((_, bar, last)) => {
+                    if *last != line {
+                        self.report(bar, object, &line);
+                        *last = line;
+                    }
+                }
+                None => {
+                    let bar = self.multi.add(indicatif::ProgressBar::new_spinner());
+                    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+                    self.report(&bar, object, &line);
+                    bars.push((object.key.clone(), bar, line));
+                }
+            }
+        }
+    }
+
+    fn report(&self, bar: &indicatif::ProgressBar, object: &ObjectHealth, line: &str) {
+        if self.terminal {
+            let mark = match object.health {
+                Health::Healthy => "✓",
+                Health::Degraded => "✗",
+                _ => "…",
+            };
+            bar.set_message(format!("{mark} {line}"));
+            if object.health == Health::Healthy {
+                bar.finish();
+            }
+        } else {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            eprintln!("kommit: {} {line}", object.health);
+        }
+    }
+
+    fn finish(&self) {
+        let bars = self.bars.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, bar, _) in bars.iter() {
+            bar.finish();
         }
     }
 }
@@ -305,11 +578,24 @@ fn print_sync(report: &reconcile::SyncReport, output: Output, color: bool) -> an
                 "summary": report.plan.summary(),
                 "changes": report.plan.changes,
                 "applied": applied,
+                "rollout": report.rollout,
+                "skipped": report.skipped,
+                "rollback": report.rollback.as_ref().map(|r| serde_json::json!({
+                    "to": r.to, "rollout": r.outcome,
+                })),
+                "returnedTo": report.returned_to.iter().map(|(key, commit)| serde_json::json!({
+                    "object": key.to_string(), "firstCommit": commit,
+                })).collect::<Vec<_>>(),
+                "reverted": report.reverted,
             });
             print(&(serde_json::to_string_pretty(&value)? + "\n"))
         }
         Output::Markdown => print(&plan::render_markdown(&report.plan)),
         Output::Text => {
+            let commit = &report.plan.source.commit;
+            if let Some(skipped) = &report.skipped {
+                return print(&format!("{skipped}\n"));
+            }
             let mut text = plan::render_text(&report.plan, color);
             if report.dry_run {
                 text.push_str("Dry run: nothing was changed.\n");
@@ -318,7 +604,6 @@ fn print_sync(report: &reconcile::SyncReport, output: Output, color: bool) -> an
                     "Nothing to do: the cluster already matches the commit (no writes).\n",
                 );
             } else {
-                let commit = &report.plan.source.commit;
                 text.push_str(&format!(
                     "Synced {} ({}): {} change{} made.\n",
                     commit.short_sha(),
@@ -327,28 +612,158 @@ fn print_sync(report: &reconcile::SyncReport, output: Output, color: bool) -> an
                     if report.applied.len() == 1 { "" } else { "s" }
                 ));
             }
+            for (key, first) in &report.returned_to {
+                text.push_str(&format!(
+                    "{key} went back to an earlier revision: the one commit {} first rolled out (a rollback; its old ReplicaSet was reused).\n",
+                    &first[..7.min(first.len())]
+                ));
+            }
+            match &report.rollout {
+                Some(WaitOutcome::Healthy { .. }) => {
+                    text.push_str("Healthy: every applied object is ready.\n")
+                }
+                Some(WaitOutcome::Failed { object, reason, .. }) => {
+                    text.push_str(&format!(
+                        "Rollout of {} failed: {object}: {reason}\n",
+                        commit.short_sha()
+                    ));
+                    match &report.rollback {
+                        Some(rollback) => {
+                            let state = match &rollback.outcome {
+                                Some(WaitOutcome::Healthy { .. }) => "healthy again",
+                                Some(WaitOutcome::Failed { .. }) => "NOT healthy either",
+                                None => "applied",
+                            };
+                            text.push_str(&format!(
+                                "Rolled back to {} (\"{}\"), the last healthy commit: {state}. Commit {} is marked failed and will not be retried until git moves on (or --retry).\n",
+                                rollback.to.short_sha(),
+                                rollback.to.subject,
+                                commit.short_sha()
+                            ));
+                        }
+                        None => text.push_str(
+                            "Not rolled back (pass --auto-rollback to re-apply the last healthy commit).\n",
+                        ),
+                    }
+                }
+                None => {}
+            }
+            if let Some(reverted) = &report.reverted {
+                text.push_str(&format!(
+                    "Committed {} \"{}\" so that git agrees with the cluster again.\n",
+                    reverted.short_sha(),
+                    reverted.subject
+                ));
+            }
             print(&text)
         }
     }
 }
 
-fn print_status(plan: &Plan, output: Output, color: bool) -> anyhow::Result<()> {
+fn short(sha: &str) -> &str {
+    &sha[..7.min(sha.len())]
+}
+
+fn print_history(rows: &[reconcile::Revision], output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        let value = serde_json::json!({"kommit": "history/v1", "revisions": rows});
+        return print(&(serde_json::to_string_pretty(&value)? + "\n"));
+    }
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.deployment.clone(),
+                r.revision
+                    .map(|n| format!("{n}{}", if r.current { "*" } else { "" }))
+                    .unwrap_or_else(|| "-".into()),
+                r.replica_set.clone().unwrap_or_else(|| "-".into()),
+                r.commit.as_deref().map(short).unwrap_or("-").to_string(),
+                r.author.clone().unwrap_or_else(|| "-".into()),
+                r.time.clone().unwrap_or_else(|| "-".into()),
+                r.outcome.clone().unwrap_or_else(|| "-".into()),
+                r.subject.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let mut text = render_table(
+        &[
+            "DEPLOYMENT",
+            "REVISION",
+            "REPLICASET",
+            "COMMIT",
+            "AUTHOR",
+            "TIME",
+            "OUTCOME",
+            "SUBJECT",
+        ],
+        &table,
+    );
+    text.push_str(
+        "(* the current revision; - a commit that changed the file without a new revision)\n",
+    );
+    print(&text)
+}
+
+fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([headers[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out.trim_end().to_string() + "\n"
+    };
+    let mut text = line(headers.to_vec());
+    for row in rows {
+        text.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    text
+}
+
+fn print_status(
+    plan: &Plan,
+    health: &[ObjectHealth],
+    record: &crate::audit::Record,
+    output: Output,
+    color: bool,
+) -> anyhow::Result<()> {
     let state = |action: Action| match action {
         Action::Unchanged => "Synced",
         Action::Create => "Missing",
         Action::Update | Action::Replace => "OutOfSync",
         Action::Prune => "Extra",
     };
+    let health_of = |key: &crate::object::ObjectKey| health.iter().find(|h| &h.key == key);
     let summary = plan.summary();
     let in_sync = !summary.has_changes();
+    let overall = health
+        .iter()
+        .map(|h| h.health)
+        .max()
+        .unwrap_or(Health::Healthy);
     if output == Output::Json {
         let objects: Vec<serde_json::Value> = plan
             .changes
             .iter()
             .map(|c| {
+                let h = health_of(&c.key);
                 serde_json::json!({
                     "apiVersion": c.api_version, "kind": c.kind, "namespace": c.namespace,
                     "name": c.name, "state": state(c.action), "liveCommit": c.live_commit,
+                    "health": h.map(|h| h.health), "message": h.map(|h| h.message.clone()),
                     "source": c.source,
                 })
             })
@@ -357,7 +772,11 @@ fn print_status(plan: &Plan, output: Output, color: bool) -> anyhow::Result<()> 
             "kommit": "status/v1",
             "source": plan.source,
             "inSync": in_sync,
+            "health": overall,
             "summary": summary,
+            "lastHealthy": record.last_healthy,
+            "pinned": record.pinned,
+            "history": record.history.iter().take(10).collect::<Vec<_>>(),
             "objects": objects,
         });
         return print(&(serde_json::to_string_pretty(&value)? + "\n"));
@@ -386,73 +805,81 @@ fn print_status(plan: &Plan, output: Output, color: bool) -> anyhow::Result<()> 
     live_commits.dedup();
     let live = match live_commits.as_slice() {
         [] => "none (nothing applied by kommit yet)".to_string(),
-        [one] => one[..7.min(one.len())].to_string(),
+        [one] => short(one).to_string(),
         many => format!(
             "{} commits ({})",
             many.len(),
-            many.iter()
-                .map(|c| &c[..7.min(c.len())])
-                .collect::<Vec<_>>()
-                .join(", ")
+            many.iter().map(|c| short(c)).collect::<Vec<_>>().join(", ")
         ),
     };
     text.push_str(&format!("Live:       {live}\n"));
+    if let Some(last) = &record.last_healthy {
+        text.push_str(&format!("Healthy at: {}\n", short(last)));
+    }
+    if let Some(pin) = &record.pinned {
+        text.push_str(&format!(
+            "Pinned:     {} \"{}\" by `kommit rollback` (sync --unpin to follow the branch)\n",
+            short(&pin.commit),
+            pin.subject
+        ));
+    }
     let verdict = if in_sync {
         "Synced: the cluster matches the commit".to_string()
     } else {
         format!("OutOfSync: {summary}")
     };
-    let painted = match (color, in_sync) {
-        (true, true) => format!("\x1b[32m{verdict}\x1b[0m"),
-        (true, false) => format!("\x1b[33m{verdict}\x1b[0m"),
-        _ => verdict,
+    let paint = |code: &str, text: String| {
+        if color {
+            format!("{code}{text}\x1b[0m")
+        } else {
+            text
+        }
     };
-    text.push_str(&format!("Sync:       {painted}\n\n"));
-    let rows: Vec<[String; 4]> = plan
+    text.push_str(&format!(
+        "Sync:       {}\n",
+        paint(if in_sync { "\x1b[32m" } else { "\x1b[33m" }, verdict)
+    ));
+    text.push_str(&format!(
+        "Health:     {}\n\n",
+        paint(
+            if overall == Health::Healthy {
+                "\x1b[32m"
+            } else {
+                "\x1b[33m"
+            },
+            overall.to_string()
+        )
+    ));
+    let rows: Vec<Vec<String>> = plan
         .changes
         .iter()
         .map(|c| {
-            [
+            let h = health_of(&c.key);
+            vec![
                 c.key.to_string(),
                 state(c.action).to_string(),
+                h.map(|h| h.health.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 c.live_commit
                     .as_deref()
-                    .map(|s| s[..7.min(s.len())].to_string())
-                    .unwrap_or_else(|| "-".into()),
+                    .map(short)
+                    .unwrap_or("-")
+                    .to_string(),
                 c.source
                     .as_ref()
                     .map(ToString::to_string)
                     .or_else(|| c.reason.clone())
                     .unwrap_or_default(),
+                h.filter(|h| h.health != Health::Healthy)
+                    .map(|h| h.message.clone())
+                    .unwrap_or_default(),
             ]
         })
         .collect();
-    let headers = ["OBJECT", "STATE", "COMMIT", "SOURCE"];
-    let widths: Vec<usize> = (0..4)
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([headers[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: [&str; 4]| {
-        format!(
-            "{:<w0$}  {:<w1$}  {:<w2$}  {}\n",
-            cells[0],
-            cells[1],
-            cells[2],
-            cells[3],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2]
-        )
-    };
-    text.push_str(&line(headers));
-    for row in &rows {
-        text.push_str(&line([&row[0], &row[1], &row[2], &row[3]]));
-    }
+    text.push_str(&render_table(
+        &["OBJECT", "STATE", "HEALTH", "COMMIT", "SOURCE", "DETAIL"],
+        &rows,
+    ));
     print(&text)
 }
 
@@ -464,6 +891,19 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        for bad in ["", "5x", "m", "1m3"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! (desired vs live, noise-free) → apply and prune (`cluster`), run by `reconcile`; `cli` only
 //! parses, calls and prints.
 
+pub mod audit;
 pub mod cli;
 pub mod cluster;
 pub mod manifest;

@@ -9,6 +9,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::audit::{self, Events, Outcome, Record, RecordStore};
 use crate::cluster::{Cluster, ClusterError, ResourceType};
 use crate::manifest::{self, Manifest, ManifestError, Origin};
 use crate::object::{
@@ -17,6 +18,10 @@ use crate::object::{
 };
 use crate::plan::{self, Action, Change, Plan, PlanSource};
 use crate::source::{CommitInfo, GitSource, SourceError};
+
+pub mod wait;
+
+pub use wait::{ObjectHealth, WaitOptions, WaitOutcome, Watched};
 
 /// How many API requests run at once.
 const CONCURRENCY: usize = 16;
@@ -41,6 +46,18 @@ pub struct Policy {
     pub force_conflicts: bool,
     pub max_prune: usize,
     pub allow_mass_prune: bool,
+    /// Wait for health after applying (`None`: do not wait).
+    pub wait: Option<WaitOptions>,
+    /// When the rollout fails, re-apply the last healthy commit.
+    pub auto_rollback: bool,
+    /// In a local repository, also commit a `git revert` of a commit whose rollout failed.
+    pub revert_on_failure: bool,
+    /// Apply a commit even though its rollout failed before.
+    pub retry_failed: bool,
+    /// Follow the branch again after `kommit rollback --to` pinned the cluster.
+    pub unpin: bool,
+    /// Write each outcome as a git note under refs/notes/kommit (local repositories).
+    pub record_notes: bool,
 }
 
 impl Default for Policy {
@@ -51,6 +68,12 @@ impl Default for Policy {
             force_conflicts: false,
             max_prune: 10,
             allow_mass_prune: false,
+            wait: None,
+            auto_rollback: false,
+            revert_on_failure: false,
+            retry_failed: false,
+            unpin: false,
+            record_notes: false,
         }
     }
 }
@@ -77,6 +100,13 @@ pub enum ReconcileError {
         if *count == 1 { "" } else { "s" }
     )]
     PruneGuard { count: usize, reason: String },
+    #[error(
+        "the cluster is pinned to commit {pinned} (\"{subject}\") by `kommit rollback`; run \
+         `kommit sync --unpin` to follow the branch again"
+    )]
+    Pinned { pinned: String, subject: String },
+    #[error("{message}")]
+    Revert { message: String },
     #[error(
         "sync of commit {commit} stopped at {object}: {source}; {applied} of {total} changes were \
          made before it. Fix the cause and sync again: kommit continues from the live state"
@@ -133,6 +163,19 @@ pub struct Prepared {
     api_version_of: HashMap<ObjectKey, String>,
 }
 
+impl Prepared {
+    /// The apiVersion an object was planned with.
+    pub fn api_version(&self, key: &ObjectKey) -> String {
+        self.plan
+            .changes
+            .iter()
+            .find(|c| &c.key == key)
+            .map(|c| c.api_version.clone())
+            .or_else(|| self.api_version_of.get(key).cloned())
+            .unwrap_or_else(|| "v1".to_string())
+    }
+}
+
 impl std::fmt::Debug for Prepared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Prepared")
@@ -148,6 +191,735 @@ pub struct SyncReport {
     /// The changes made, in the order they were made.
     pub applied: Vec<(Action, ObjectKey)>,
     pub dry_run: bool,
+    /// The health of what was applied, when the sync waited for it.
+    pub rollout: Option<WaitOutcome>,
+    /// Set when the rollout failed and the last healthy commit was applied again.
+    pub rollback: Option<Rollback>,
+    /// Set when the commit was not applied because its rollout failed before.
+    pub skipped: Option<String>,
+    /// Deployments whose template went back to an earlier revision: (object, the commit that
+    /// first rolled that revision out).
+    pub returned_to: Vec<(ObjectKey, String)>,
+    /// The `git revert` commit made for a failed commit (`--revert-on-failure`).
+    pub reverted: Option<CommitInfo>,
+}
+
+impl SyncReport {
+    /// True when the commit's rollout failed (whether or not it was rolled back).
+    pub fn failed(&self) -> bool {
+        self.skipped.is_some() || self.rollout.as_ref().is_some_and(|r| !r.is_healthy())
+    }
+}
+
+/// What an automatic rollback did.
+#[derive(Debug)]
+pub struct Rollback {
+    pub to: CommitInfo,
+    pub outcome: Option<WaitOutcome>,
+}
+
+/// Where the record of a source lives: the namespace of its objects (or --namespace).
+fn record_namespace(prepared: &Prepared, target: &Target, cluster: &Cluster) -> String {
+    target
+        .namespace
+        .clone()
+        .or_else(|| {
+            prepared
+                .plan
+                .changes
+                .iter()
+                .filter(|c| c.action != Action::Prune)
+                .find_map(|c| c.key.namespace.clone())
+        })
+        .unwrap_or_else(|| cluster.default_namespace().to_string())
+}
+
+/// Plans and applies a commit; then (per policy) waits for health, rolls back a failed rollout
+/// to the last healthy commit, and writes the outcome down (record, events, git notes).
+pub async fn sync(
+    source: &GitSource,
+    cluster: &mut Cluster,
+    target: &Target,
+    policy: &Policy,
+    progress: &(dyn Fn(&[ObjectHealth]) + Send + Sync),
+) -> Result<SyncReport, ReconcileError> {
+    if policy.dry_run {
+        let (prepared, _) = apply_commit(source, cluster, target, policy).await?;
+        return Ok(SyncReport {
+            plan: prepared.plan,
+            applied: Vec::new(),
+            dry_run: true,
+            rollout: None,
+            rollback: None,
+            skipped: None,
+            returned_to: Vec::new(),
+            reverted: None,
+        });
+    }
+    // Plan once to learn the inventory and the record's place; nothing is written yet.
+    let probe = prepare(
+        source,
+        cluster,
+        target,
+        &Policy {
+            prune: false,
+            ..policy.clone()
+        },
+    )
+    .await?;
+    let store = RecordStore::new(
+        cluster,
+        &record_namespace(&probe, target, cluster),
+        &probe.inventory,
+    );
+    let mut record = store.load().await?;
+    let commit = probe.plan.source.commit.clone();
+    if let Some(pin) = &record.pinned
+        && pin.commit != commit.sha
+        && !policy.unpin
+    {
+        return Err(ReconcileError::Pinned {
+            pinned: pin.commit[..7.min(pin.commit.len())].to_string(),
+            subject: pin.subject.clone(),
+        });
+    }
+    if policy.unpin {
+        record.pinned = None;
+    }
+    if record.has_failed(&commit.sha) && !policy.retry_failed {
+        let reason = record
+            .outcomes_of(&commit.sha)
+            .find_map(|e| e.reason.clone())
+            .unwrap_or_else(|| "its rollout failed".to_string());
+        return Ok(SyncReport {
+            plan: probe.plan,
+            applied: Vec::new(),
+            dry_run: false,
+            rollout: None,
+            rollback: None,
+            skipped: Some(format!(
+                "commit {} was not applied: its rollout failed before ({reason}); push a new \
+                 commit, or re-run with --retry to try it again",
+                commit.short_sha()
+            )),
+            returned_to: Vec::new(),
+            reverted: None,
+        });
+    }
+    drop(probe);
+
+    let (prepared, applied) = apply_commit(source, cluster, target, policy).await?;
+    let events = Events::new(cluster);
+    let mut report = SyncReport {
+        plan: prepared.plan.clone(),
+        applied,
+        dry_run: false,
+        rollout: None,
+        rollback: None,
+        skipped: None,
+        returned_to: Vec::new(),
+        reverted: None,
+    };
+    let Some(wait_options) = &policy.wait else {
+        for (action, key) in &report.applied {
+            if *action != Action::Prune {
+                let api_version = prepared.api_version(key);
+                events
+                    .publish(key, &api_version, false, "Synced", sync_note(&commit))
+                    .await;
+            }
+        }
+        record.push(audit::entry(&commit, Outcome::Applied, None, None));
+        store.save(&record).await?;
+        note(source, policy, &commit, "applied", cluster);
+        return Ok(report);
+    };
+
+    let watched = watched_objects(cluster, &prepared)?;
+    let outcome = wait::wait_healthy(cluster, &watched, wait_options, progress).await?;
+    match &outcome {
+        WaitOutcome::Healthy { .. } => {
+            report.returned_to =
+                remember_revisions(cluster, &prepared, &mut record, &commit).await?;
+            for (action, key) in &report.applied {
+                if *action != Action::Prune {
+                    let api_version = prepared.api_version(key);
+                    events
+                        .publish(key, &api_version, false, "Synced", sync_note(&commit))
+                        .await;
+                }
+            }
+            for (key, first) in &report.returned_to {
+                let api_version = prepared.api_version(key);
+                events
+                    .publish(
+                        key,
+                        &api_version,
+                        false,
+                        "RolledBack",
+                        format!(
+                            "commit {} returns to the revision first rolled out by {}",
+                            commit.short_sha(),
+                            &first[..7.min(first.len())]
+                        ),
+                    )
+                    .await;
+            }
+            record.push(audit::entry(&commit, Outcome::Healthy, None, None));
+            store.save(&record).await?;
+            note(source, policy, &commit, "healthy", cluster);
+            report.rollout = Some(outcome);
+            Ok(report)
+        }
+        WaitOutcome::Failed { object, reason, .. } => {
+            let failed_key = report
+                .plan
+                .changes
+                .iter()
+                .map(|c| &c.key)
+                .find(|k| k.to_string() == *object)
+                .cloned();
+            let why = format!("{object}: {reason}");
+            if let Some(key) = &failed_key {
+                let api_version = prepared.api_version(key);
+                events
+                    .publish(
+                        key,
+                        &api_version,
+                        true,
+                        "RolloutFailed",
+                        format!(
+                            "commit {} (\"{}\"): {reason}",
+                            commit.short_sha(),
+                            commit.subject
+                        ),
+                    )
+                    .await;
+            }
+            let healthy_before = record.last_healthy.clone().filter(|c| *c != commit.sha);
+            report.rollout = Some(outcome.clone());
+            match healthy_before {
+                Some(previous) if policy.auto_rollback => {
+                    let to = source.commit(&previous)?;
+                    let rollback_target = Target {
+                        rev: Some(previous.clone()),
+                        ..target.clone()
+                    };
+                    let rollback_policy = Policy {
+                        auto_rollback: false,
+                        ..policy.clone()
+                    };
+                    let (back, _) =
+                        apply_commit(source, cluster, &rollback_target, &rollback_policy).await?;
+                    let watched = watched_objects(cluster, &back)?;
+                    let back_outcome =
+                        wait::wait_healthy(cluster, &watched, wait_options, progress).await?;
+                    if let Some(key) = &failed_key {
+                        let api_version = prepared.api_version(key);
+                        events
+                            .publish(
+                                key,
+                                &api_version,
+                                true,
+                                "RolledBack",
+                                format!(
+                                    "rolled back to {} (\"{}\") after commit {} failed: {reason}",
+                                    to.short_sha(),
+                                    to.subject,
+                                    commit.short_sha()
+                                ),
+                            )
+                            .await;
+                    }
+                    record.push(audit::entry(
+                        &commit,
+                        Outcome::RolledBack,
+                        Some(why.clone()),
+                        Some(to.sha.clone()),
+                    ));
+                    note(
+                        source,
+                        policy,
+                        &commit,
+                        &format!("failed and rolled back to {}: {why}", to.short_sha()),
+                        cluster,
+                    );
+                    report.rollback = Some(Rollback {
+                        to,
+                        outcome: Some(back_outcome),
+                    });
+                }
+                _ => {
+                    record.push(audit::entry(
+                        &commit,
+                        Outcome::Failed,
+                        Some(why.clone()),
+                        None,
+                    ));
+                    note(source, policy, &commit, &format!("failed: {why}"), cluster);
+                }
+            }
+            store.save(&record).await?;
+            if policy.revert_on_failure && source.is_local() {
+                report.reverted = Some(revert_commit(source, &commit, Some(&why))?);
+            }
+            Ok(report)
+        }
+    }
+}
+
+/// The health of every object of a plan (prunes aside), now, without waiting.
+pub async fn health(
+    cluster: &Cluster,
+    prepared: &Prepared,
+) -> Result<Vec<ObjectHealth>, ReconcileError> {
+    let mut missing = Vec::new();
+    let mut watched = Vec::new();
+    for step in prepared.steps.iter().filter(|s| s.action != Action::Prune) {
+        let resource = match &step.resource {
+            Some(rt) => Some(rt.clone()),
+            None => resolve_late(cluster, prepared, step).ok(),
+        };
+        match resource {
+            Some(resource) if step.action != Action::Create => watched.push(Watched {
+                key: step.key.clone(),
+                resource,
+            }),
+            _ => missing.push(ObjectHealth {
+                kind: step.key.kind.clone(),
+                namespace: step.key.namespace.clone(),
+                name: step.key.name.clone(),
+                health: crate::rollout::Health::Missing,
+                message: "not in the cluster".to_string(),
+                key: step.key.clone(),
+            }),
+        }
+    }
+    let mut all = wait::health_now(cluster, &watched).await?;
+    all.extend(missing);
+    Ok(all)
+}
+
+/// `kommit rollback --to REV`: applies REV and pins the cluster to it, so that a later sync of
+/// the branch head says so instead of undoing the rollback.
+pub async fn rollback_to(
+    source: &GitSource,
+    cluster: &mut Cluster,
+    target: &Target,
+    policy: &Policy,
+    progress: &(dyn Fn(&[ObjectHealth]) + Send + Sync),
+) -> Result<SyncReport, ReconcileError> {
+    let policy = Policy {
+        unpin: true,
+        retry_failed: true,
+        auto_rollback: false,
+        revert_on_failure: false,
+        ..policy.clone()
+    };
+    let report = sync(source, cluster, target, &policy, progress).await?;
+    if report.failed() {
+        return Ok(report);
+    }
+    let prepared_namespace = target
+        .namespace
+        .clone()
+        .or_else(|| {
+            report
+                .plan
+                .changes
+                .iter()
+                .find_map(|c| c.key.namespace.clone())
+        })
+        .unwrap_or_else(|| cluster.default_namespace().to_string());
+    let store = RecordStore::new(cluster, &prepared_namespace, &inventory_id(source, target));
+    let mut record = store.load().await?;
+    let commit = &report.plan.source.commit;
+    record.pinned = Some(audit::Pin {
+        commit: commit.sha.clone(),
+        subject: commit.subject.clone(),
+        time: audit::now_rfc3339(),
+    });
+    if let Some(entry) = record.history.first_mut()
+        && entry.commit == commit.sha
+    {
+        entry.reason = Some("kommit rollback --to: the cluster is pinned to this commit".into());
+    }
+    store.save(&record).await?;
+    Ok(report)
+}
+
+/// The record of a source, if kommit has synced it into this cluster.
+pub async fn load_record(
+    source: &GitSource,
+    cluster: &Cluster,
+    target: &Target,
+    plan: &Plan,
+) -> Result<Record, ReconcileError> {
+    let namespace = target
+        .namespace
+        .clone()
+        .or_else(|| {
+            plan.changes
+                .iter()
+                .filter(|c| c.action != Action::Prune)
+                .find_map(|c| c.key.namespace.clone())
+        })
+        .unwrap_or_else(|| cluster.default_namespace().to_string());
+    Ok(
+        RecordStore::new(cluster, &namespace, &inventory_id(source, target))
+            .load()
+            .await?,
+    )
+}
+
+/// One revision of a Deployment, joined with git and the record.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revision {
+    pub deployment: String,
+    /// The Deployment revision, or `None` for a commit that changed the file without making a
+    /// new revision (a scale, a label).
+    pub revision: Option<i64>,
+    pub replica_set: Option<String>,
+    pub current: bool,
+    pub commit: Option<String>,
+    pub author: Option<String>,
+    pub time: Option<String>,
+    pub subject: Option<String>,
+    pub outcome: Option<String>,
+}
+
+/// Each revision of the source's Deployments (or one of them), newest first, with its
+/// ReplicaSet, commit, author, time and outcome, joined with `git log` of the defining file.
+pub async fn history(
+    source: &GitSource,
+    cluster: &Cluster,
+    target: &Target,
+    only: Option<&str>,
+) -> Result<Vec<Revision>, ReconcileError> {
+    let prepared = prepare(source, cluster, target, &Policy::default()).await?;
+    let record = load_record(source, cluster, target, &prepared.plan).await?;
+    let deployments_rt = cluster.resolve("apps/v1", "Deployment")?;
+    let replica_sets_rt = cluster.resolve("apps/v1", "ReplicaSet")?;
+    let commit = &prepared.plan.source.commit;
+    let mut rows = Vec::new();
+    let wanted: Vec<&Change> = prepared
+        .plan
+        .changes
+        .iter()
+        .filter(|c| c.key.is_kind("apps", "Deployment"))
+        .filter(|c| only.is_none_or(|name| c.key.name == name))
+        .collect();
+    if let Some(name) = only
+        && wanted.is_empty()
+    {
+        return Err(ReconcileError::Invalid {
+            commit: commit.short_sha().to_string(),
+            problems: vec![format!(
+                "no Deployment named {name} is defined at this commit"
+            )],
+        });
+    }
+    for change in wanted {
+        let key = &change.key;
+        let live = cluster.get(&deployments_rt, key).await?;
+        let uid = live
+            .as_ref()
+            .and_then(|d| d.pointer("/metadata/uid"))
+            .and_then(Value::as_str);
+        let current_revision = live
+            .as_ref()
+            .and_then(|d| {
+                object::metadata_entry(d, "annotations", "deployment.kubernetes.io/revision")
+            })
+            .and_then(|r| r.parse::<i64>().ok());
+        let replica_sets = cluster
+            .list(&replica_sets_rt, key.namespace.as_deref(), None)
+            .await?;
+        let mut revisions: Vec<Revision> = replica_sets
+            .iter()
+            .filter(|rs| {
+                uid.is_some()
+                    && rs
+                        .pointer("/metadata/ownerReferences")
+                        .and_then(Value::as_array)
+                        .is_some_and(|refs| {
+                            refs.iter()
+                                .any(|r| r.get("uid").and_then(Value::as_str) == uid)
+                        })
+            })
+            .map(|rs| {
+                let revision =
+                    object::metadata_entry(rs, "annotations", "deployment.kubernetes.io/revision")
+                        .and_then(|r| r.parse::<i64>().ok());
+                let sha = object::metadata_entry(rs, "annotations", COMMIT_ANNOTATION)
+                    .map(str::to_string);
+                let info = sha.as_deref().and_then(|s| source.commit(s).ok());
+                Revision {
+                    deployment: key.to_string(),
+                    revision,
+                    replica_set: rs
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                    current: revision.is_some() && revision == current_revision,
+                    outcome: sha
+                        .as_deref()
+                        .and_then(|s| record.outcomes_of(s).next())
+                        .map(|e| e.outcome.as_str().to_string()),
+                    author: info.as_ref().map(|c| c.author.clone()),
+                    time: info.as_ref().map(|c| c.time_rfc3339()),
+                    subject: info.as_ref().map(|c| c.subject.clone()).or_else(|| {
+                        object::metadata_entry(rs, "annotations", SUBJECT_ANNOTATION)
+                            .map(str::to_string)
+                    }),
+                    commit: sha,
+                }
+            })
+            .collect();
+        // Commits that changed the file without a revision of their own.
+        if let Some(origin) = &change.source {
+            let known: HashSet<String> =
+                revisions.iter().filter_map(|r| r.commit.clone()).collect();
+            for logged in source.log_for_path(commit, &origin.file, 50)? {
+                if known.contains(&logged.sha) {
+                    continue;
+                }
+                revisions.push(Revision {
+                    deployment: key.to_string(),
+                    revision: None,
+                    replica_set: None,
+                    current: false,
+                    outcome: record
+                        .outcomes_of(&logged.sha)
+                        .next()
+                        .map(|e| e.outcome.as_str().to_string()),
+                    author: Some(logged.author.clone()),
+                    time: Some(logged.time_rfc3339()),
+                    subject: Some(logged.subject.clone()),
+                    commit: Some(logged.sha.clone()),
+                });
+            }
+        }
+        revisions.sort_by(|a, b| b.time.cmp(&a.time).then(b.revision.cmp(&a.revision)));
+        rows.extend(revisions);
+    }
+    Ok(rows)
+}
+
+fn sync_note(commit: &CommitInfo) -> String {
+    format!(
+        "synced commit {} (\"{}\") by {}",
+        commit.short_sha(),
+        commit.subject,
+        commit.author
+    )
+}
+
+fn note(
+    source: &GitSource,
+    policy: &Policy,
+    commit: &CommitInfo,
+    outcome: &str,
+    cluster: &Cluster,
+) {
+    if !policy.record_notes || !source.is_local() {
+        return;
+    }
+    let text = format!(
+        "kommit: {} {} on {}",
+        audit::now_rfc3339(),
+        outcome,
+        cluster.server()
+    );
+    if let Err(e) = audit::write_note(source, commit, &text) {
+        tracing::warn!(error = %e, "could not write the git note");
+    }
+}
+
+/// The objects a sync wrote (prunes aside), with how the cluster serves them: what to wait for.
+fn watched_objects(cluster: &Cluster, prepared: &Prepared) -> Result<Vec<Watched>, ReconcileError> {
+    prepared
+        .steps
+        .iter()
+        .filter(|s| s.action.writes() && s.action != Action::Prune)
+        .map(|s| {
+            let resource = match &s.resource {
+                Some(rt) => rt.clone(),
+                None => resolve_late(cluster, prepared, s)?,
+            };
+            Ok(Watched {
+                key: s.key.clone(),
+                resource,
+            })
+        })
+        .collect()
+}
+
+/// After a healthy rollout: remember which commit first rolled out each Deployment revision,
+/// and report the Deployments that went back to a revision an earlier commit introduced.
+async fn remember_revisions(
+    cluster: &Cluster,
+    prepared: &Prepared,
+    record: &mut Record,
+    commit: &CommitInfo,
+) -> Result<Vec<(ObjectKey, String)>, ReconcileError> {
+    let mut returned = Vec::new();
+    for step in prepared
+        .steps
+        .iter()
+        .filter(|s| s.action == Action::Update || s.action == Action::Create)
+    {
+        if !step.key.is_kind("apps", "Deployment") {
+            continue;
+        }
+        let Some(hash) = current_template_hash(cluster, &step.key).await? else {
+            continue;
+        };
+        let id = format!("{}/{}", step.key, hash);
+        match record.templates.get(&id) {
+            Some(first) if *first != commit.sha => returned.push((step.key.clone(), first.clone())),
+            Some(_) => {}
+            None => {
+                record.templates.insert(id, commit.sha.clone());
+            }
+        }
+    }
+    // Keep the map bounded: forget the oldest entries beyond a generous limit.
+    while record.templates.len() > 1_000 {
+        let first = record.templates.keys().next().cloned().expect("not empty");
+        record.templates.remove(&first);
+    }
+    Ok(returned)
+}
+
+/// The pod-template hash of a Deployment's current ReplicaSet.
+async fn current_template_hash(
+    cluster: &Cluster,
+    key: &ObjectKey,
+) -> Result<Option<String>, ReconcileError> {
+    let deployments = cluster.resolve("apps/v1", "Deployment")?;
+    let replica_sets = cluster.resolve("apps/v1", "ReplicaSet")?;
+    let Some(deployment) = cluster.get(&deployments, key).await? else {
+        return Ok(None);
+    };
+    let uid = deployment.pointer("/metadata/uid").and_then(Value::as_str);
+    let revision = object::metadata_entry(
+        &deployment,
+        "annotations",
+        "deployment.kubernetes.io/revision",
+    );
+    let listed = cluster
+        .list(&replica_sets, key.namespace.as_deref(), None)
+        .await?;
+    Ok(listed
+        .iter()
+        .filter(|rs| {
+            rs.pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .is_some_and(|refs| {
+                    refs.iter()
+                        .any(|r| r.get("uid").and_then(Value::as_str) == uid)
+                })
+        })
+        .find(|rs| {
+            object::metadata_entry(rs, "annotations", "deployment.kubernetes.io/revision")
+                == revision
+        })
+        .and_then(|rs| object::metadata_entry(rs, "labels", "pod-template-hash"))
+        .map(str::to_string))
+}
+
+/// Makes a `git revert` commit of `commit` on the checked-out branch of a local repository.
+pub fn revert_commit(
+    source: &GitSource,
+    commit: &CommitInfo,
+    why: Option<&str>,
+) -> Result<CommitInfo, ReconcileError> {
+    let revert_err = |message: String| ReconcileError::Revert { message };
+    if !source.is_local() {
+        return Err(revert_err(format!(
+            "{} is not a local repository; revert the commit where the repository lives and push it",
+            source.display()
+        )));
+    }
+    let sha = {
+        let repo = source.repo();
+        let git = |e: git2::Error| {
+            revert_err(format!(
+                "cannot revert {}: {}",
+                commit.short_sha(),
+                e.message()
+            ))
+        };
+        if repo.is_bare() {
+            return Err(revert_err(format!(
+                "{} has no work tree to revert in",
+                source.display()
+            )));
+        }
+        let mut status_options = git2::StatusOptions::new();
+        status_options.include_untracked(false);
+        let dirty = repo
+            .statuses(Some(&mut status_options))
+            .map_err(git)?
+            .iter()
+            .any(|s| {
+                s.status().intersects(
+                    git2::Status::INDEX_NEW
+                        | git2::Status::INDEX_MODIFIED
+                        | git2::Status::INDEX_DELETED
+                        | git2::Status::WT_MODIFIED
+                        | git2::Status::WT_DELETED,
+                )
+            });
+        if dirty {
+            return Err(revert_err(format!(
+                "the work tree of {} has uncommitted changes; commit or stash them, then revert",
+                source.display()
+            )));
+        }
+        let target = repo
+            .find_commit(git2::Oid::from_str(&commit.sha).map_err(git)?)
+            .map_err(git)?;
+        let head = repo.head().map_err(git)?.peel_to_commit().map_err(git)?;
+        let mut index = repo.revert_commit(&target, &head, 0, None).map_err(git)?;
+        if index.has_conflicts() {
+            return Err(revert_err(format!(
+                "reverting {} conflicts with later commits; revert it by hand (git revert {})",
+                commit.short_sha(),
+                commit.short_sha()
+            )));
+        }
+        let tree_id = index.write_tree_to(&repo).map_err(git)?;
+        let tree = repo.find_tree(tree_id).map_err(git)?;
+        let signature = repo
+            .signature()
+            .or_else(|_| git2::Signature::now("kommit", "kommit@localhost"))
+            .map_err(git)?;
+        let mut message = format!(
+            "Revert \"{}\"\n\nThis reverts commit {}.\n",
+            commit.subject, commit.sha
+        );
+        if let Some(why) = why {
+            message.push_str(&format!("\nkommit: its rollout failed: {why}\n"));
+        }
+        let new = repo
+            .commit(
+                Some("HEAD"),
+                &signature,
+                &signature,
+                &message,
+                &tree,
+                &[&head],
+            )
+            .map_err(git)?;
+        // Bring the work tree to the new commit, like `git revert` does.
+        repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))
+            .map_err(git)?;
+        new.to_string()
+    };
+    Ok(source.commit(&sha)?)
 }
 
 /// Reads the commit and plans it against the cluster. Nothing is written.
@@ -711,6 +1483,9 @@ fn is_automatic(item: &Value, inventory: &str) -> bool {
     {
         return true;
     }
+    if object::metadata_entry(item, "labels", audit::RECORD_LABEL).is_some() {
+        return true;
+    }
     let Some(key) = ObjectKey::of_value(item) else {
         return true;
     };
@@ -748,20 +1523,16 @@ pub fn check_prune_guard(prepared: &Prepared, policy: &Policy) -> Result<(), Rec
 
 /// Plans, then (unless a dry run) applies the commit: namespaces and CRDs first, workloads last,
 /// and prunes in the reverse order. Nothing is written when planning finds any problem.
-pub async fn sync(
+async fn apply_commit(
     source: &GitSource,
     cluster: &mut Cluster,
     target: &Target,
     policy: &Policy,
-) -> Result<SyncReport, ReconcileError> {
+) -> Result<(Prepared, Vec<(Action, ObjectKey)>), ReconcileError> {
     let prepared = prepare(source, cluster, target, policy).await?;
     check_prune_guard(&prepared, policy)?;
     if policy.dry_run {
-        return Ok(SyncReport {
-            plan: prepared.plan,
-            applied: Vec::new(),
-            dry_run: true,
-        });
+        return Ok((prepared, Vec::new()));
     }
     let commit = prepared.plan.source.commit.clone();
     let files: Vec<String> = prepared
@@ -783,11 +1554,7 @@ pub async fn sync(
         span,
     )
     .await?;
-    Ok(SyncReport {
-        plan: prepared.plan,
-        applied,
-        dry_run: false,
-    })
+    Ok((prepared, applied))
 }
 
 async fn apply_steps(

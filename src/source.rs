@@ -369,6 +369,36 @@ impl GitSource {
         Ok(files)
     }
 
+    /// The commits reachable from `commit` that changed `file`, newest first (like
+    /// `git log -- FILE`), at most `limit` of them; history is walked along first parents.
+    pub fn log_for_path(
+        &self,
+        commit: &CommitInfo,
+        file: &str,
+        limit: usize,
+    ) -> Result<Vec<CommitInfo>, SourceError> {
+        let repo = self.repo();
+        let git = |e| SourceError::git(&self.display, e);
+        let path = Path::new(file);
+        let mut out = Vec::new();
+        let mut current = Some(
+            repo.find_commit(Oid::from_str(&commit.sha).map_err(git)?)
+                .map_err(git)?,
+        );
+        while let Some(here) = current {
+            let parent = here.parent(0).ok();
+            let blob = |c: &git2::Commit<'_>| c.tree().ok()?.get_path(path).ok().map(|e| e.id());
+            if blob(&here) != parent.as_ref().and_then(blob) {
+                out.push(CommitInfo::from_commit(&here));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            current = parent;
+        }
+        Ok(out)
+    }
+
     /// For each file, the newest commit reachable from `commit` that changed it (what
     /// `git log -1 -- FILE` shows), in one walk of the history. Files not settled within
     /// `max_commits` are attributed to `commit` itself.

@@ -1,0 +1,365 @@
+//! Waiting for applied objects to become healthy: watches (not polls) Deployments, their
+//! ReplicaSets and Pods, judges them with the `rollout` rules, and calls a failure as soon as a
+//! failure signal has lasted `fail_after`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::cluster::{Cluster, ClusterError, ResourceType};
+use crate::object::ObjectKey;
+use crate::rollout::{self, FailureSignal, Health, Verdict};
+
+const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
+
+#[derive(Debug, Clone)]
+pub struct WaitOptions {
+    /// Give up (and call the rollout failed) after this long.
+    pub timeout: Duration,
+    /// How long a failure signal (crash loop, pull error) must last to fail the rollout.
+    pub fail_after: Duration,
+}
+
+impl Default for WaitOptions {
+    fn default() -> Self {
+        WaitOptions {
+            timeout: Duration::from_secs(300),
+            fail_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One object to judge.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub key: ObjectKey,
+    pub resource: ResourceType,
+}
+
+/// The health of one object at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObjectHealth {
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub health: Health,
+    pub message: String,
+    #[serde(skip)]
+    pub key: ObjectKey,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "camelCase")]
+pub enum WaitOutcome {
+    Healthy {
+        objects: Vec<ObjectHealth>,
+    },
+    Failed {
+        object: String,
+        reason: String,
+        objects: Vec<ObjectHealth>,
+    },
+}
+
+impl WaitOutcome {
+    pub fn is_healthy(&self) -> bool {
+        matches!(self, WaitOutcome::Healthy { .. })
+    }
+
+    pub fn objects(&self) -> &[ObjectHealth] {
+        match self {
+            WaitOutcome::Healthy { objects } | WaitOutcome::Failed { objects, .. } => objects,
+        }
+    }
+}
+
+/// Reflector stores of the kinds whose health needs more than a look at the object itself.
+struct Stores {
+    deployments: Store<Deployment>,
+    replica_sets: Store<ReplicaSet>,
+    pods: Store<Pod>,
+}
+
+type Driver = std::pin::Pin<Box<dyn Stream<Item = ()> + Send>>;
+
+fn start_watches(cluster: &Cluster, watched: &[Watched]) -> (Stores, Driver) {
+    let namespaces: BTreeSet<&str> = watched
+        .iter()
+        .filter(|w| w.key.is_kind("apps", "Deployment") || w.key.is_kind("", "Pod"))
+        .filter_map(|w| w.key.namespace.as_deref())
+        .collect();
+    let client = cluster.client().clone();
+    fn api<K>(client: &kube::Client, namespaces: &BTreeSet<&str>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        match namespaces.iter().next() {
+            Some(ns) if namespaces.len() == 1 => Api::namespaced(client.clone(), ns),
+            _ => Api::all(client.clone()),
+        }
+    }
+    let (deployments, deployment_writer) = reflector::store::<Deployment>();
+    let (replica_sets, replica_set_writer) = reflector::store::<ReplicaSet>();
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let config = watcher::Config::default();
+    let deployment_events = watcher(api::<Deployment>(&client, &namespaces), config.clone())
+        .default_backoff()
+        .reflect(deployment_writer)
+        .map(|_| ());
+    let replica_set_events = watcher(api::<ReplicaSet>(&client, &namespaces), config.clone())
+        .default_backoff()
+        .reflect(replica_set_writer)
+        .map(|_| ());
+    let pod_events = watcher(api::<Pod>(&client, &namespaces), config)
+        .default_backoff()
+        .reflect(pod_writer)
+        .map(|_| ());
+    let driver: Driver = Box::pin(futures::stream::select_all([
+        Box::pin(deployment_events) as Driver,
+        Box::pin(replica_set_events) as Driver,
+        Box::pin(pod_events) as Driver,
+    ]));
+    (
+        Stores {
+            deployments,
+            replica_sets,
+            pods,
+        },
+        driver,
+    )
+}
+
+fn to_value<K: Serialize>(object: &K) -> Value {
+    serde_json::to_value(object).unwrap_or(Value::Null)
+}
+
+fn owned_by(
+    owners: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>,
+    uid: &str,
+) -> bool {
+    owners.is_some_and(|refs| refs.iter().any(|r| r.uid == uid))
+}
+
+/// The newest ReplicaSet of a Deployment and its pods (what `kubectl rollout status` watches).
+fn new_pods(stores: &Stores, deployment: &Deployment) -> Vec<Value> {
+    let Some(uid) = deployment.metadata.uid.as_deref() else {
+        return Vec::new();
+    };
+    let revision = deployment
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REVISION_ANNOTATION));
+    let newest = stores
+        .replica_sets
+        .state()
+        .into_iter()
+        .filter(|rs| owned_by(rs.metadata.owner_references.as_ref(), uid))
+        .find(|rs| {
+            rs.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(REVISION_ANNOTATION))
+                == revision
+        });
+    let Some(rs_uid) = newest.and_then(|rs| rs.metadata.uid.clone()) else {
+        return Vec::new();
+    };
+    stores
+        .pods
+        .state()
+        .into_iter()
+        .filter(|pod| owned_by(pod.metadata.owner_references.as_ref(), &rs_uid))
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .map(|pod| to_value(&*pod))
+        .collect()
+}
+
+fn object_ref<K: kube::Resource<DynamicType = ()>>(key: &ObjectKey) -> ObjectRef<K> {
+    let r = ObjectRef::new(&key.name);
+    match &key.namespace {
+        Some(ns) => r.within(ns),
+        None => r,
+    }
+}
+
+/// Judges every watched object once. Returns the verdicts and the failure signals seen.
+async fn evaluate(
+    cluster: &Cluster,
+    stores: &Stores,
+    watched: &[Watched],
+) -> Result<Vec<(ObjectHealth, Vec<FailureSignal>)>, ClusterError> {
+    let mut out = Vec::with_capacity(watched.len());
+    for item in watched {
+        let key = &item.key;
+        let (verdict, signals): (Verdict, Vec<FailureSignal>) = if key.is_kind("apps", "Deployment")
+        {
+            match stores.deployments.get(&object_ref(key)) {
+                Some(d) => rollout::deployment_health(&to_value(&*d), &new_pods(stores, &d)),
+                None => (verdict(Health::Missing, "not in the cluster"), Vec::new()),
+            }
+        } else if key.is_kind("", "Pod") {
+            match stores.pods.get(&object_ref(key)) {
+                Some(pod) => {
+                    let value = to_value(&*pod);
+                    (rollout::pod_health(&value), rollout::pod_failures(&value))
+                }
+                None => (verdict(Health::Missing, "not in the cluster"), Vec::new()),
+            }
+        } else if rollout::has_rollout(&key.group, &key.kind) {
+            let live = cluster.get(&item.resource, key).await?;
+            (
+                rollout::generic_health(&key.group, &key.kind, live.as_ref()),
+                Vec::new(),
+            )
+        } else {
+            (verdict(Health::Healthy, "applied"), Vec::new())
+        };
+        out.push((
+            ObjectHealth {
+                kind: key.kind.clone(),
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                health: verdict.health,
+                message: verdict.message,
+                key: key.clone(),
+            },
+            signals,
+        ));
+    }
+    Ok(out)
+}
+
+fn verdict(health: Health, message: &str) -> Verdict {
+    Verdict {
+        health,
+        message: message.to_string(),
+    }
+}
+
+/// The health of the objects right now, without waiting.
+pub async fn health_now(
+    cluster: &Cluster,
+    watched: &[Watched],
+) -> Result<Vec<ObjectHealth>, ClusterError> {
+    let (stores, mut driver) = start_watches(cluster, watched);
+    let ready = async {
+        let _ = tokio::join!(
+            stores.deployments.wait_until_ready(),
+            stores.replica_sets.wait_until_ready(),
+            stores.pods.wait_until_ready()
+        );
+    };
+    tokio::pin!(ready);
+    loop {
+        tokio::select! {
+            () = &mut ready => break,
+            _ = driver.next() => {}
+        }
+    }
+    Ok(evaluate(cluster, &stores, watched)
+        .await?
+        .into_iter()
+        .map(|(health, _)| health)
+        .collect())
+}
+
+/// Waits until every object is healthy, one fails, or the timeout passes. `progress` is called
+/// whenever a verdict changes.
+pub async fn wait_healthy(
+    cluster: &Cluster,
+    watched: &[Watched],
+    options: &WaitOptions,
+    progress: &(dyn Fn(&[ObjectHealth]) + Send + Sync),
+) -> Result<WaitOutcome, ClusterError> {
+    let started = Instant::now();
+    let (stores, mut driver) = start_watches(cluster, watched);
+    let mut first_seen: HashMap<(ObjectKey, String, String, String), Instant> = HashMap::new();
+    let mut last_reported: Vec<ObjectHealth> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stores_ready = async {
+        let _ = tokio::join!(
+            stores.deployments.wait_until_ready(),
+            stores.replica_sets.wait_until_ready(),
+            stores.pods.wait_until_ready()
+        );
+    };
+    tokio::pin!(stores_ready);
+    let mut ready = false;
+    loop {
+        tokio::select! {
+            () = &mut stores_ready, if !ready => ready = true,
+            _ = driver.next() => continue,
+            _ = tick.tick() => {}
+        }
+        if !ready {
+            continue;
+        }
+        let judged = evaluate(cluster, &stores, watched).await?;
+        let now = Instant::now();
+        let objects: Vec<ObjectHealth> = judged.iter().map(|(h, _)| h.clone()).collect();
+        if objects != last_reported {
+            progress(&objects);
+            last_reported = objects.clone();
+        }
+        // Failures that will not heal by waiting.
+        let mut seen_now = Vec::new();
+        for (health, signals) in &judged {
+            if health.health == Health::Degraded && signals.is_empty() {
+                return Ok(WaitOutcome::Failed {
+                    object: health.key.to_string(),
+                    reason: health.message.clone(),
+                    objects,
+                });
+            }
+            for signal in signals {
+                let id = (
+                    health.key.clone(),
+                    signal.pod.clone(),
+                    signal.container.clone(),
+                    signal.reason.clone(),
+                );
+                let since = *first_seen.entry(id.clone()).or_insert(now);
+                seen_now.push(id);
+                let deadline_passed = health.message.contains("progress deadline");
+                if now.duration_since(since) >= options.fail_after || deadline_passed {
+                    return Ok(WaitOutcome::Failed {
+                        object: health.key.to_string(),
+                        reason: signal.to_string(),
+                        objects,
+                    });
+                }
+            }
+        }
+        first_seen.retain(|id, _| seen_now.contains(id));
+        if objects.iter().all(|o| o.health == Health::Healthy) {
+            return Ok(WaitOutcome::Healthy { objects });
+        }
+        if started.elapsed() >= options.timeout {
+            let stuck = objects
+                .iter()
+                .find(|o| o.health != Health::Healthy)
+                .cloned()
+                .expect("not all healthy");
+            return Ok(WaitOutcome::Failed {
+                object: stuck.key.to_string(),
+                reason: format!(
+                    "not healthy after {}s: {}",
+                    options.timeout.as_secs(),
+                    stuck.message
+                ),
+                objects,
+            });
+        }
+    }
+}
