@@ -457,6 +457,8 @@ struct ProgressView {
     terminal: bool,
     multi: indicatif::MultiProgress,
     bars: std::sync::Mutex<Vec<(crate::object::ObjectKey, indicatif::ProgressBar, String)>>,
+    /// Without a terminal: the last health logged per object (a line only when it changes).
+    logged: std::sync::Mutex<std::collections::HashMap<crate::object::ObjectKey, Health>>,
 }
 
 impl ProgressView {
@@ -468,11 +470,27 @@ impl ProgressView {
                 indicatif::ProgressDrawTarget::stderr(),
             ),
             bars: std::sync::Mutex::new(Vec::new()),
+            logged: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
     fn show(&self, objects: &[ObjectHealth]) {
         if !self.enabled {
+            return;
+        }
+        if !self.terminal {
+            let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+            for object in objects
+                .iter()
+                .filter(|o| crate::rollout::has_rollout(&o.key.group, &o.key.kind))
+            {
+                if logged.insert(object.key.clone(), object.health) != Some(object.health) {
+                    eprintln!(
+                        "kommit: {} {}: {}",
+                        object.health, object.key, object.message
+                    );
+                }
+            }
             return;
         }
         let mut bars = self.bars.lock().unwrap_or_else(|p| p.into_inner());
@@ -499,19 +517,14 @@ impl ProgressView {
     }
 
     fn report(&self, bar: &indicatif::ProgressBar, object: &ObjectHealth, line: &str) {
-        if self.terminal {
-            let mark = match object.health {
-                Health::Healthy => "✓",
-                Health::Degraded => "✗",
-                _ => "…",
-            };
-            bar.set_message(format!("{mark} {line}"));
-            if object.health == Health::Healthy {
-                bar.finish();
-            }
-        } else {
-            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            eprintln!("kommit: {} {line}", object.health);
+        let mark = match object.health {
+            Health::Healthy => "✓",
+            Health::Degraded => "✗",
+            _ => "…",
+        };
+        bar.set_message(format!("{mark} {line}"));
+        if object.health == Health::Healthy {
+            bar.finish();
         }
     }
 

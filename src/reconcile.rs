@@ -737,12 +737,15 @@ fn note(
     }
 }
 
-/// The objects a sync wrote (prunes aside), with how the cluster serves them: what to wait for.
+/// What to wait for: every object the sync wrote, and every object of the commit whose health is
+/// more than its presence (so a sync run again after an interrupted one waits for the rollout
+/// in progress instead of declaring victory because it had nothing to write).
 fn watched_objects(cluster: &Cluster, prepared: &Prepared) -> Result<Vec<Watched>, ReconcileError> {
     prepared
         .steps
         .iter()
-        .filter(|s| s.action.writes() && s.action != Action::Prune)
+        .filter(|s| s.action != Action::Prune)
+        .filter(|s| s.action.writes() || crate::rollout::has_rollout(&s.key.group, &s.key.kind))
         .map(|s| {
             let resource = match &s.resource {
                 Some(rt) => rt.clone(),

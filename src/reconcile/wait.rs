@@ -3,6 +3,7 @@
 //! failure signal has lasted `fail_after`.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -90,12 +91,16 @@ struct Stores {
 
 type Driver = std::pin::Pin<Box<dyn Stream<Item = ()> + Send>>;
 
-fn start_watches(cluster: &Cluster, watched: &[Watched]) -> (Stores, Driver) {
+/// Watches only where Deployments or Pods are to be judged; `None` when there are none.
+fn start_watches(cluster: &Cluster, watched: &[Watched]) -> Option<(Stores, Driver)> {
     let namespaces: BTreeSet<&str> = watched
         .iter()
         .filter(|w| w.key.is_kind("apps", "Deployment") || w.key.is_kind("", "Pod"))
         .filter_map(|w| w.key.namespace.as_deref())
         .collect();
+    if namespaces.is_empty() {
+        return None;
+    }
     let client = cluster.client().clone();
     fn api<K>(client: &kube::Client, namespaces: &BTreeSet<&str>) -> Api<K>
     where
@@ -128,60 +133,81 @@ fn start_watches(cluster: &Cluster, watched: &[Watched]) -> (Stores, Driver) {
         Box::pin(replica_set_events) as Driver,
         Box::pin(pod_events) as Driver,
     ]));
-    (
+    Some((
         Stores {
             deployments,
             replica_sets,
             pods,
         },
         driver,
-    )
+    ))
+}
+
+async fn stores_ready(stores: &Stores) {
+    let _ = tokio::join!(
+        stores.deployments.wait_until_ready(),
+        stores.replica_sets.wait_until_ready(),
+        stores.pods.wait_until_ready()
+    );
 }
 
 fn to_value<K: Serialize>(object: &K) -> Value {
     serde_json::to_value(object).unwrap_or(Value::Null)
 }
 
-fn owned_by(
-    owners: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>,
-    uid: &str,
-) -> bool {
-    owners.is_some_and(|refs| refs.iter().any(|r| r.uid == uid))
+/// ReplicaSets and Pods by the uid of their owner, built once per evaluation.
+struct Owned {
+    replica_sets: HashMap<String, Vec<Arc<ReplicaSet>>>,
+    pods: HashMap<String, Vec<Arc<Pod>>>,
 }
 
-/// The newest ReplicaSet of a Deployment and its pods (what `kubectl rollout status` watches).
-fn new_pods(stores: &Stores, deployment: &Deployment) -> Vec<Value> {
-    let Some(uid) = deployment.metadata.uid.as_deref() else {
-        return Vec::new();
-    };
-    let revision = deployment
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(REVISION_ANNOTATION));
-    let newest = stores
-        .replica_sets
-        .state()
-        .into_iter()
-        .filter(|rs| owned_by(rs.metadata.owner_references.as_ref(), uid))
-        .find(|rs| {
-            rs.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(REVISION_ANNOTATION))
-                == revision
+impl Owned {
+    fn index(stores: &Stores) -> Self {
+        fn by_owner<K: kube::Resource>(items: Vec<Arc<K>>) -> HashMap<String, Vec<Arc<K>>> {
+            let mut map: HashMap<String, Vec<Arc<K>>> = HashMap::new();
+            for item in items {
+                for owner in item.meta().owner_references.iter().flatten() {
+                    map.entry(owner.uid.clone()).or_default().push(item.clone());
+                }
+            }
+            map
+        }
+        Owned {
+            replica_sets: by_owner(stores.replica_sets.state()),
+            pods: by_owner(stores.pods.state()),
+        }
+    }
+
+    /// The pods of a Deployment's newest ReplicaSet (what `kubectl rollout status` watches).
+    fn new_pods(&self, deployment: &Deployment) -> Vec<Value> {
+        let Some(uid) = deployment.metadata.uid.as_deref() else {
+            return Vec::new();
+        };
+        let revision = deployment
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REVISION_ANNOTATION));
+        let newest = self.replica_sets.get(uid).and_then(|sets| {
+            sets.iter().find(|rs| {
+                rs.metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(REVISION_ANNOTATION))
+                    == revision
+            })
         });
-    let Some(rs_uid) = newest.and_then(|rs| rs.metadata.uid.clone()) else {
-        return Vec::new();
-    };
-    stores
-        .pods
-        .state()
-        .into_iter()
-        .filter(|pod| owned_by(pod.metadata.owner_references.as_ref(), &rs_uid))
-        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
-        .map(|pod| to_value(&*pod))
-        .collect()
+        let Some(rs_uid) = newest.and_then(|rs| rs.metadata.uid.as_deref()) else {
+            return Vec::new();
+        };
+        self.pods
+            .get(rs_uid)
+            .into_iter()
+            .flatten()
+            .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+            .map(|pod| to_value(&**pod))
+            .collect()
+    }
 }
 
 fn object_ref<K: kube::Resource<DynamicType = ()>>(key: &ObjectKey) -> ObjectRef<K> {
@@ -195,19 +221,26 @@ fn object_ref<K: kube::Resource<DynamicType = ()>>(key: &ObjectKey) -> ObjectRef
 /// Judges every watched object once. Returns the verdicts and the failure signals seen.
 async fn evaluate(
     cluster: &Cluster,
-    stores: &Stores,
+    stores: Option<&Stores>,
     watched: &[Watched],
 ) -> Result<Vec<(ObjectHealth, Vec<FailureSignal>)>, ClusterError> {
     let mut out = Vec::with_capacity(watched.len());
+    let owned = stores.map(Owned::index);
     for item in watched {
         let key = &item.key;
-        let (verdict, signals): (Verdict, Vec<FailureSignal>) = if key.is_kind("apps", "Deployment")
+        let (verdict, signals): (Verdict, Vec<FailureSignal>) = if let Some(stores) = stores
+            && key.is_kind("apps", "Deployment")
         {
             match stores.deployments.get(&object_ref(key)) {
-                Some(d) => rollout::deployment_health(&to_value(&*d), &new_pods(stores, &d)),
+                Some(d) => {
+                    let pods = owned.as_ref().map(|o| o.new_pods(&d)).unwrap_or_default();
+                    rollout::deployment_health(&to_value(&*d), &pods)
+                }
                 None => (verdict(Health::Missing, "not in the cluster"), Vec::new()),
             }
-        } else if key.is_kind("", "Pod") {
+        } else if let Some(stores) = stores
+            && key.is_kind("", "Pod")
+        {
             match stores.pods.get(&object_ref(key)) {
                 Some(pod) => {
                     let value = to_value(&*pod);
@@ -251,22 +284,18 @@ pub async fn health_now(
     cluster: &Cluster,
     watched: &[Watched],
 ) -> Result<Vec<ObjectHealth>, ClusterError> {
-    let (stores, mut driver) = start_watches(cluster, watched);
-    let ready = async {
-        let _ = tokio::join!(
-            stores.deployments.wait_until_ready(),
-            stores.replica_sets.wait_until_ready(),
-            stores.pods.wait_until_ready()
-        );
-    };
-    tokio::pin!(ready);
-    loop {
-        tokio::select! {
-            () = &mut ready => break,
-            _ = driver.next() => {}
+    let mut watches = start_watches(cluster, watched);
+    if let Some((stores, driver)) = &mut watches {
+        let ready = stores_ready(stores);
+        tokio::pin!(ready);
+        loop {
+            tokio::select! {
+                () = &mut ready => break,
+                _ = driver.next() => {}
+            }
         }
     }
-    Ok(evaluate(cluster, &stores, watched)
+    Ok(evaluate(cluster, watches.as_ref().map(|(s, _)| s), watched)
         .await?
         .into_iter()
         .map(|(health, _)| health)
@@ -282,30 +311,39 @@ pub async fn wait_healthy(
     progress: &(dyn Fn(&[ObjectHealth]) + Send + Sync),
 ) -> Result<WaitOutcome, ClusterError> {
     let started = Instant::now();
-    let (stores, mut driver) = start_watches(cluster, watched);
+    if watched.is_empty() {
+        return Ok(WaitOutcome::Healthy {
+            objects: Vec::new(),
+        });
+    }
+    let mut watches = start_watches(cluster, watched);
     let mut first_seen: HashMap<(ObjectKey, String, String, String), Instant> = HashMap::new();
     let mut last_reported: Vec<ObjectHealth> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stores_ready = async {
-        let _ = tokio::join!(
-            stores.deployments.wait_until_ready(),
-            stores.replica_sets.wait_until_ready(),
-            stores.pods.wait_until_ready()
-        );
-    };
-    tokio::pin!(stores_ready);
-    let mut ready = false;
+    if let Some((stores, driver)) = &mut watches {
+        let ready = stores_ready(stores);
+        tokio::pin!(ready);
+        loop {
+            tokio::select! {
+                () = &mut ready => break,
+                _ = driver.next() => {}
+            }
+        }
+    }
     loop {
-        tokio::select! {
-            () = &mut stores_ready, if !ready => ready = true,
-            _ = driver.next() => continue,
-            _ = tick.tick() => {}
+        match &mut watches {
+            Some((_, driver)) => {
+                tokio::select! {
+                    _ = driver.next() => continue,
+                    _ = tick.tick() => {}
+                }
+            }
+            None => {
+                tick.tick().await;
+            }
         }
-        if !ready {
-            continue;
-        }
-        let judged = evaluate(cluster, &stores, watched).await?;
+        let judged = evaluate(cluster, watches.as_ref().map(|(s, _)| s), watched).await?;
         let now = Instant::now();
         let objects: Vec<ObjectHealth> = judged.iter().map(|(h, _)| h.clone()).collect();
         if objects != last_reported {
