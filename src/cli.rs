@@ -96,6 +96,28 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Keep the cluster on a branch's head: sync each new commit, report (and heal) drift
+    Watch {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Branch to follow (default: the repository's HEAD)
+        #[arg(long, value_name = "NAME")]
+        branch: Option<String>,
+        /// How often to fetch a remote repository and to look for drift
+        #[arg(long, default_value = "1m", value_parser = parse_duration, value_name = "DURATION")]
+        interval: std::time::Duration,
+        /// Re-apply the commit when someone changed a synced object
+        #[arg(long)]
+        self_heal: bool,
+        /// Delete objects that left git
+        #[arg(long)]
+        prune: bool,
+        /// Take over fields another field manager owns
+        #[arg(long)]
+        force_conflicts: bool,
+        #[command(flatten)]
+        rollout: RolloutArgs,
+    },
     /// Apply an earlier revision and pin the cluster to it (until `sync --unpin`)
     Rollback {
         #[command(flatten)]
@@ -358,6 +380,56 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             } else {
                 exit::OK
             })
+        }
+        Command::Watch {
+            source,
+            branch,
+            interval,
+            self_heal,
+            prune,
+            force_conflicts,
+            rollout,
+        } => {
+            let (git, mut cluster, mut target) = open(&source, &connect).await?;
+            if let Some(branch) = branch {
+                target.rev = Some(if git.is_local() {
+                    format!("refs/heads/{branch}")
+                } else {
+                    branch
+                });
+            }
+            let policy = rollout.apply_to(Policy {
+                prune,
+                force_conflicts,
+                ..Policy::default()
+            });
+            let options = reconcile::WatchOptions {
+                policy,
+                interval,
+                self_heal,
+            };
+            eprintln!(
+                "kommit: watching {} ({}), every {}s for drift{}; Ctrl-C stops",
+                git.display(),
+                target.rev.as_deref().unwrap_or("HEAD"),
+                interval.as_secs(),
+                if self_heal { ", healing it" } else { "" }
+            );
+            let progress = ProgressView::new(true);
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            reconcile::watch::watch(
+                &git,
+                &mut cluster,
+                &target,
+                &options,
+                &|h| progress.show(h),
+                &|event| print_watch_event(&event, color),
+                shutdown,
+            )
+            .await?;
+            Ok(exit::OK)
         }
         Command::Rollback {
             source,
@@ -669,6 +741,43 @@ fn print_sync(report: &reconcile::SyncReport, output: Output, color: bool) -> an
                 ));
             }
             print(&text)
+        }
+    }
+}
+
+fn print_watch_event(event: &reconcile::WatchEvent, color: bool) {
+    match event {
+        reconcile::WatchEvent::Synced(report) => {
+            let _ = print_sync(report, Output::Text, color);
+        }
+        reconcile::WatchEvent::Drift { plan, healed } => {
+            let changed: Vec<String> = plan
+                .changes
+                .iter()
+                .filter(|c| c.action.writes())
+                .map(|c| c.key.to_string())
+                .collect();
+            eprintln!(
+                "kommit: drift: {} differ{} from commit {}: {}",
+                changed.len(),
+                if changed.len() == 1 { "s" } else { "" },
+                plan.source.commit.short_sha(),
+                changed.join(", ")
+            );
+            eprintln!(
+                "kommit: {}",
+                if *healed {
+                    "healed: the commit was applied again"
+                } else {
+                    "not healed (pass --self-heal to re-apply the commit)"
+                }
+            );
+        }
+        reconcile::WatchEvent::Error { message, retry_in } => {
+            eprintln!(
+                "kommit: error: {message} (next try in {}s)",
+                retry_in.as_secs()
+            );
         }
     }
 }

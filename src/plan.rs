@@ -232,6 +232,34 @@ fn set_pointer(target: &mut Value, pointer: &str, value: Value) {
     }
 }
 
+/// The live object as far as a field manager owns it through server-side apply: what it last
+/// applied, identity included. `None` when it never applied the object.
+pub fn owned_view(live: &Value, manager: &str) -> Option<Value> {
+    let fields = owned_fields(live, manager)?;
+    let mut owned = project_fields(live, fields);
+    // fieldsV1 never lists the identity; it is part of every manifest.
+    for pointer in [
+        "/apiVersion",
+        "/kind",
+        "/metadata/name",
+        "/metadata/namespace",
+    ] {
+        if let Some(value) = live.pointer(pointer) {
+            set_pointer(&mut owned, pointer, value.clone());
+        }
+    }
+    Some(owned)
+}
+
+/// True when applying `desired` cannot change `live`: kommit owns exactly the fields of the
+/// manifest and each holds the manifest's value. Sound, not complete: whatever it cannot prove
+/// (a value the server normalizes, a new or dropped field, a field another manager took over)
+/// goes to the server's dry run.
+pub fn provably_unchanged(live: &Value, desired: &Value) -> bool {
+    owned_view(live, crate::object::FIELD_MANAGER)
+        .is_some_and(|owned| normalize(&owned) == normalize(desired))
+}
+
 /// The `fieldsV1` set a field manager owns through server-side apply, from `managedFields`.
 pub fn owned_fields<'a>(live: &'a Value, manager: &str) -> Option<&'a Value> {
     live.pointer("/metadata/managedFields")?
@@ -535,6 +563,52 @@ mod tests {
         assert!(
             diff.contains("-    - name: B\n-      value: \"2\""),
             "{diff}"
+        );
+    }
+
+    #[test]
+    fn unchanged_is_proved_only_from_what_kommit_owns() {
+        let fields = json!({"f:metadata": {"f:labels": {"f:app": {}}},
+            "f:spec": {"f:replicas": {}, "f:template": {"f:spec": {"f:containers": {
+                "k:{\"name\":\"web\"}": {".": {}, "f:name": {}, "f:image": {}}}}}}});
+        let live = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"},
+                "annotations": {"kommit.dev/commit": "abc", "deployment.kubernetes.io/revision": "2"},
+                "managedFields": [{"manager": "kommit", "operation": "Apply", "fieldsV1": fields}]},
+            "spec": {"replicas": 3, "progressDeadlineSeconds": 600,
+                "template": {"spec": {"containers": [{"name": "web", "image": "nginx:1.25", "imagePullPolicy": "IfNotPresent"}]}}},
+            "status": {"replicas": 3}});
+        let desired = |replicas: i64, image: &str| {
+            json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {"replicas": replicas, "template": {"spec": {"containers": [{"name": "web", "image": image}]}}}})
+        };
+        assert!(
+            provably_unchanged(&live, &desired(3, "nginx:1.25")),
+            "defaults and status do not count"
+        );
+        assert!(!provably_unchanged(&live, &desired(3, "nginx:1.26")));
+        assert!(!provably_unchanged(&live, &desired(2, "nginx:1.25")));
+        let mut with_new_field = desired(3, "nginx:1.25");
+        with_new_field["spec"]["minReadySeconds"] = json!(5);
+        assert!(
+            !provably_unchanged(&live, &with_new_field),
+            "a new field needs the server"
+        );
+        let mut taken_over = live.clone();
+        taken_over["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("f:replicas");
+        assert!(
+            !provably_unchanged(&taken_over, &desired(3, "nginx:1.25")),
+            "someone else owns replicas now"
+        );
+        let mut by_kubectl = live.clone();
+        by_kubectl["metadata"]["managedFields"][0]["manager"] = json!("kubectl");
+        assert!(
+            !provably_unchanged(&by_kubectl, &desired(3, "nginx:1.25")),
+            "never applied by kommit"
         );
     }
 

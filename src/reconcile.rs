@@ -20,8 +20,10 @@ use crate::plan::{self, Action, Change, Plan, PlanSource};
 use crate::source::{CommitInfo, GitSource, SourceError};
 
 pub mod wait;
+pub mod watch;
 
 pub use wait::{ObjectHealth, WaitOptions, WaitOutcome, Watched};
+pub use watch::{WatchEvent, WatchOptions};
 
 /// How many API requests run at once.
 const CONCURRENCY: usize = 16;
@@ -218,22 +220,6 @@ pub struct Rollback {
     pub outcome: Option<WaitOutcome>,
 }
 
-/// Where the record of a source lives: the namespace of its objects (or --namespace).
-fn record_namespace(prepared: &Prepared, target: &Target, cluster: &Cluster) -> String {
-    target
-        .namespace
-        .clone()
-        .or_else(|| {
-            prepared
-                .plan
-                .changes
-                .iter()
-                .filter(|c| c.action != Action::Prune)
-                .find_map(|c| c.key.namespace.clone())
-        })
-        .unwrap_or_else(|| cluster.default_namespace().to_string())
-}
-
 /// Plans and applies a commit; then (per policy) waits for health, rolls back a failed rollout
 /// to the last healthy commit, and writes the outcome down (record, events, git notes).
 pub async fn sync(
@@ -243,8 +229,9 @@ pub async fn sync(
     policy: &Policy,
     progress: &(dyn Fn(&[ObjectHealth]) + Send + Sync),
 ) -> Result<SyncReport, ReconcileError> {
+    let loaded = load(source, cluster, target)?;
     if policy.dry_run {
-        let (prepared, _) = apply_commit(source, cluster, target, policy).await?;
+        let (prepared, _) = apply_commit(source, cluster, loaded, policy).await?;
         return Ok(SyncReport {
             plan: prepared.plan,
             applied: Vec::new(),
@@ -257,23 +244,13 @@ pub async fn sync(
         });
     }
     // Plan once to learn the inventory and the record's place; nothing is written yet.
-    let probe = prepare(
-        source,
-        cluster,
-        target,
-        &Policy {
-            prune: false,
-            ..policy.clone()
-        },
-    )
-    .await?;
     let store = RecordStore::new(
         cluster,
-        &record_namespace(&probe, target, cluster),
-        &probe.inventory,
+        &loaded.record_namespace(target, cluster),
+        loaded.inventory(),
     );
     let mut record = store.load().await?;
-    let commit = probe.plan.source.commit.clone();
+    let commit = loaded.commit().clone();
     if let Some(pin) = &record.pinned
         && pin.commit != commit.sha
         && !policy.unpin
@@ -292,7 +269,10 @@ pub async fn sync(
             .find_map(|e| e.reason.clone())
             .unwrap_or_else(|| "its rollout failed".to_string());
         return Ok(SyncReport {
-            plan: probe.plan,
+            plan: Plan {
+                source: loaded.source,
+                changes: Vec::new(),
+            },
             applied: Vec::new(),
             dry_run: false,
             rollout: None,
@@ -306,9 +286,13 @@ pub async fn sync(
             reverted: None,
         });
     }
-    drop(probe);
-
-    let (prepared, applied) = apply_commit(source, cluster, target, policy).await?;
+    let (prepared, applied) = apply_commit(source, cluster, loaded, policy).await?;
+    // A sync that changed nothing and finds the commit as recorded writes nothing at all.
+    let already_recorded = |record: &Record, healthy: bool| {
+        record.last_applied.as_deref() == Some(commit.sha.as_str())
+            && (!healthy || record.last_healthy.as_deref() == Some(commit.sha.as_str()))
+            && !policy.unpin
+    };
     let events = Events::new(cluster);
     let mut report = SyncReport {
         plan: prepared.plan.clone(),
@@ -329,9 +313,11 @@ pub async fn sync(
                     .await;
             }
         }
-        record.push(audit::entry(&commit, Outcome::Applied, None, None));
-        store.save(&record).await?;
-        note(source, policy, &commit, "applied", cluster);
+        if !(report.applied.is_empty() && already_recorded(&record, false)) {
+            record.push(audit::entry(&commit, Outcome::Applied, None, None));
+            store.save(&record).await?;
+            note(source, policy, &commit, "applied", cluster);
+        }
         return Ok(report);
     };
 
@@ -365,9 +351,12 @@ pub async fn sync(
                     )
                     .await;
             }
-            record.push(audit::entry(&commit, Outcome::Healthy, None, None));
-            store.save(&record).await?;
-            note(source, policy, &commit, "healthy", cluster);
+            let unchanged = report.applied.is_empty() && report.returned_to.is_empty();
+            if !(unchanged && already_recorded(&record, true)) {
+                record.push(audit::entry(&commit, Outcome::Healthy, None, None));
+                store.save(&record).await?;
+                note(source, policy, &commit, "healthy", cluster);
+            }
             report.rollout = Some(outcome);
             Ok(report)
         }
@@ -409,8 +398,9 @@ pub async fn sync(
                         auto_rollback: false,
                         ..policy.clone()
                     };
+                    let back_loaded = load(source, cluster, &rollback_target)?;
                     let (back, _) =
-                        apply_commit(source, cluster, &rollback_target, &rollback_policy).await?;
+                        apply_commit(source, cluster, back_loaded, &rollback_policy).await?;
                     let watched = watched_objects(cluster, &back)?;
                     let back_outcome =
                         wait::wait_healthy(cluster, &watched, wait_options, progress).await?;
@@ -932,20 +922,55 @@ pub async fn prepare(
     target: &Target,
     policy: &Policy,
 ) -> Result<Prepared, ReconcileError> {
+    let loaded = load(source, cluster, target)?;
+    plan_loaded(cluster, loaded, policy).await
+}
+
+/// A commit's objects, read from git and resolved against the cluster's API (discovery only:
+/// nothing fetched from the cluster yet).
+pub struct Loaded {
+    desired: Vec<Desired>,
+    source: PlanSource,
+    inventory: String,
+}
+
+impl Loaded {
+    pub fn commit(&self) -> &CommitInfo {
+        &self.source.commit
+    }
+
+    pub fn inventory(&self) -> &str {
+        &self.inventory
+    }
+
+    /// Where the source's record lives: --namespace, else the namespace of its first
+    /// namespaced object, else the kubeconfig's.
+    pub fn record_namespace(&self, target: &Target, cluster: &Cluster) -> String {
+        target
+            .namespace
+            .clone()
+            .or_else(|| self.desired.iter().find_map(|d| d.key.namespace.clone()))
+            .unwrap_or_else(|| cluster.default_namespace().to_string())
+    }
+}
+
+/// Reads the commit and resolves its manifests; reports every problem at once.
+pub fn load(
+    source: &GitSource,
+    cluster: &Cluster,
+    target: &Target,
+) -> Result<Loaded, ReconcileError> {
     let commit = source.resolve(target.rev.as_deref())?;
-    let span = tracing::info_span!("plan", repo = %source.display(), commit = %commit.short_sha(), path = %target.path);
-    let _enter = span.enter();
+    let _span = tracing::info_span!("load", repo = %source.display(), commit = %commit.short_sha(), path = %target.path)
+        .entered();
     let files = source.read_manifests(&commit, &target.path)?;
     let manifests = manifest::parse_files(&files).map_err(|errors| ReconcileError::Invalid {
         commit: commit.short_sha().to_string(),
         problems: errors.iter().map(ManifestError::to_string).collect(),
     })?;
     let inventory = inventory_id(source, target);
-    let source_note = format!(
-        "{}#{}",
-        source.identity(),
-        crate::source::normalize_repo_path(&target.path).unwrap_or_default()
-    );
+    let path = crate::source::normalize_repo_path(&target.path).unwrap_or_default();
+    let source_note = format!("{}#{}", source.identity(), path);
     let namespace = target
         .namespace
         .clone()
@@ -957,16 +982,34 @@ pub async fn prepare(
                 problems,
             }
         })?;
-    let plan_source = PlanSource {
-        repo: source.display().to_string(),
-        path: crate::source::normalize_repo_path(&target.path).unwrap_or_default(),
-        rev: target.rev.clone().unwrap_or_else(|| "HEAD".to_string()),
-        commit: commit.clone(),
-    };
-    drop(_enter);
-    plan_against(cluster, desired, plan_source, inventory, policy)
-        .instrument_in(span)
-        .await
+    Ok(Loaded {
+        desired,
+        source: PlanSource {
+            repo: source.display().to_string(),
+            path,
+            rev: target.rev.clone().unwrap_or_else(|| "HEAD".to_string()),
+            commit,
+        },
+        inventory,
+    })
+}
+
+/// Plans loaded objects against the live cluster. Nothing is written.
+pub async fn plan_loaded(
+    cluster: &Cluster,
+    loaded: Loaded,
+    policy: &Policy,
+) -> Result<Prepared, ReconcileError> {
+    let span = tracing::info_span!("plan", repo = %loaded.source.repo, commit = %loaded.source.commit.short_sha());
+    plan_against(
+        cluster,
+        loaded.desired,
+        loaded.source,
+        loaded.inventory,
+        policy,
+    )
+    .instrument_in(span)
+    .await
 }
 
 trait InstrumentIn: Sized {
@@ -1129,6 +1172,7 @@ async fn plan_against(
         }
     }
 
+    let prefetched = prefetch_live(cluster, &desired, &creating_namespaces).await?;
     let looked: Vec<Looked> = stream::iter(desired.iter())
         .map(|d| {
             look(
@@ -1137,6 +1181,7 @@ async fn plan_against(
                 &creating_namespaces,
                 policy,
                 label(&d.manifest.origin),
+                prefetched.get(&d.key).cloned(),
             )
         })
         .buffered(CONCURRENCY)
@@ -1163,7 +1208,12 @@ async fn plan_against(
     }
 
     let desired_keys: HashSet<&ObjectKey> = desired.iter().map(|d| &d.key).collect();
-    let live = list_inventory(cluster, &inventory).await?;
+    // Listing every kind is only worth it when something may be pruned.
+    let live = if policy.prune {
+        list_inventory(cluster, &inventory).await?
+    } else {
+        Vec::new()
+    };
     let live_inventory = live.len();
     let mut api_version_of = HashMap::new();
     if policy.prune {
@@ -1233,12 +1283,81 @@ async fn plan_against(
     })
 }
 
+/// Fetches live objects by one LIST per kind and namespace where many objects share them
+/// (cheaper than a GET each); the rest are fetched one by one in `look`.
+async fn prefetch_live(
+    cluster: &Cluster,
+    desired: &[Desired],
+    creating_namespaces: &HashSet<String>,
+) -> Result<HashMap<ObjectKey, Option<Value>>, ReconcileError> {
+    const LIST_THRESHOLD: usize = 8;
+    let mut groups: BTreeMap<(String, String, Option<String>), Vec<&Desired>> = BTreeMap::new();
+    for d in desired {
+        let Some(rt) = &d.resource else { continue };
+        if d.key
+            .namespace
+            .as_ref()
+            .is_some_and(|ns| creating_namespaces.contains(ns))
+        {
+            continue;
+        }
+        groups
+            .entry((
+                rt.resource.api_version.clone(),
+                rt.resource.plural.clone(),
+                d.key.namespace.clone(),
+            ))
+            .or_default()
+            .push(d);
+    }
+    let lists: Vec<Vec<(ObjectKey, Option<Value>)>> = stream::iter(
+        groups
+            .into_values()
+            .filter(|members| members.len() >= LIST_THRESHOLD),
+    )
+    .map(|members| async move {
+        let rt = members[0].resource.as_ref().expect("grouped by resource");
+        let items = cluster
+            .list(rt, members[0].key.namespace.as_deref(), None)
+            .await?;
+        let mut by_name: HashMap<String, Value> = items
+            .into_iter()
+            .filter_map(|mut item| {
+                keep_own_managed_fields(&mut item);
+                let name = item.pointer("/metadata/name")?.as_str()?.to_string();
+                Some((name, item))
+            })
+            .collect();
+        Ok::<_, ReconcileError>(
+            members
+                .iter()
+                .map(|d| (d.key.clone(), by_name.remove(&d.key.name)))
+                .collect(),
+        )
+    })
+    .buffer_unordered(CONCURRENCY)
+    .try_collect()
+    .await?;
+    Ok(lists.into_iter().flatten().collect())
+}
+
+/// Drops other managers' managedFields entries (often the bulk of an object); kommit's own entry
+/// is what proves an object unchanged and what a replace diff is made from.
+fn keep_own_managed_fields(item: &mut Value) {
+    if let Some(Value::Array(entries)) = item.pointer_mut("/metadata/managedFields") {
+        entries.retain(|entry| {
+            entry.get("manager").and_then(Value::as_str) == Some(object::FIELD_MANAGER)
+        });
+    }
+}
+
 async fn look(
     cluster: &Cluster,
     desired: &Desired,
     creating_namespaces: &HashSet<String>,
     policy: &Policy,
     to_label: String,
+    prefetched: Option<Option<Value>>,
 ) -> Result<Looked, ReconcileError> {
     let key = &desired.key;
     let origin = &desired.manifest.origin;
@@ -1284,10 +1403,10 @@ async fn look(
         .namespace
         .as_ref()
         .is_some_and(|ns| creating_namespaces.contains(ns));
-    let live = if in_new_namespace {
-        None
-    } else {
-        cluster.get(rt, key).await?
+    let live = match prefetched {
+        _ if in_new_namespace => None,
+        Some(live) => live,
+        None => cluster.get(rt, key).await?,
     };
     let live_uid = live
         .as_ref()
@@ -1329,6 +1448,11 @@ async fn look(
             Err(e @ ClusterError::Unreachable { .. }) => Err(e.into()),
             Err(e) => problem(e),
         },
+        // Most objects of a commit did not change; prove it locally and spare the dry run.
+        Some(live) if plan::provably_unchanged(&live, &desired.body) => Ok(Looked::Planned(
+            change(Action::Unchanged, String::new(), None),
+            step(Action::Unchanged, live_uid),
+        )),
         Some(live) => match cluster
             .apply(rt, key, &desired.body, true, policy.force_conflicts)
             .await
@@ -1529,10 +1653,10 @@ pub fn check_prune_guard(prepared: &Prepared, policy: &Policy) -> Result<(), Rec
 async fn apply_commit(
     source: &GitSource,
     cluster: &mut Cluster,
-    target: &Target,
+    loaded: Loaded,
     policy: &Policy,
 ) -> Result<(Prepared, Vec<(Action, ObjectKey)>), ReconcileError> {
-    let prepared = prepare(source, cluster, target, policy).await?;
+    let prepared = plan_loaded(cluster, loaded, policy).await?;
     check_prune_guard(&prepared, policy)?;
     if policy.dry_run {
         return Ok((prepared, Vec::new()));

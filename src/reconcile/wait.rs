@@ -116,16 +116,27 @@ fn start_watches(cluster: &Cluster, watched: &[Watched]) -> Option<(Stores, Driv
     let (replica_sets, replica_set_writer) = reflector::store::<ReplicaSet>();
     let (pods, pod_writer) = reflector::store::<Pod>();
     let config = watcher::Config::default();
+    // Health needs metadata and status; the caches keep little else (a no-op sync of a thousand
+    // Deployments would otherwise hold every pod spec and managedFields entry).
     let deployment_events = watcher(api::<Deployment>(&client, &namespaces), config.clone())
         .default_backoff()
+        .modify(|d: &mut Deployment| d.metadata.managed_fields = None)
         .reflect(deployment_writer)
         .map(|_| ());
     let replica_set_events = watcher(api::<ReplicaSet>(&client, &namespaces), config.clone())
         .default_backoff()
+        .modify(|rs: &mut ReplicaSet| {
+            rs.metadata.managed_fields = None;
+            rs.spec = None;
+        })
         .reflect(replica_set_writer)
         .map(|_| ());
     let pod_events = watcher(api::<Pod>(&client, &namespaces), config)
         .default_backoff()
+        .modify(|pod: &mut Pod| {
+            pod.metadata.managed_fields = None;
+            pod.spec = None;
+        })
         .reflect(pod_writer)
         .map(|_| ());
     let driver: Driver = Box::pin(futures::stream::select_all([
