@@ -233,7 +233,9 @@ impl Cluster {
         }
     }
 
-    /// Lists objects of a kind (in one namespace, or everywhere), following pagination.
+    /// Lists objects of a kind (in one namespace, or everywhere), following pagination. Other
+    /// field managers' managedFields entries, often the bulk of an object and never needed
+    /// here, are dropped before the objects are kept.
     pub async fn list(
         &self,
         rt: &ResourceType,
@@ -241,7 +243,8 @@ impl Cluster {
         label_selector: Option<&str>,
     ) -> Result<Vec<Value>, ClusterError> {
         let api = self.api(rt, namespace);
-        let mut params = ListParams::default().limit(500);
+        // Modest pages keep the peak memory of a thousand-object list low.
+        let mut params = ListParams::default().limit(250);
         if let Some(selector) = label_selector {
             params = params.labels(selector);
         }
@@ -258,6 +261,9 @@ impl Cluster {
                     api_version: rt.resource.api_version.clone(),
                     kind: rt.resource.kind.clone(),
                 });
+                if let Some(entries) = item.metadata.managed_fields.as_mut() {
+                    entries.retain(|e| e.manager.as_deref() == Some(FIELD_MANAGER));
+                }
                 to_value(item)
             }));
             match next {

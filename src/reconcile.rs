@@ -1087,8 +1087,10 @@ fn resolve(
             continue;
         }
         seen.insert(key.clone(), manifest.origin.clone());
+        // The body is all that is needed of the object from here on; keep one copy, not two.
+        let mut manifest = manifest;
         let body = apply_body(
-            &manifest.object,
+            std::mem::take(&mut manifest.object),
             namespace.as_deref(),
             inventory,
             source_note,
@@ -1108,13 +1110,8 @@ fn resolve(
 }
 
 /// The object as kommit applies it: namespace filled in, inventory label and source annotation.
-fn apply_body(
-    object: &Value,
-    namespace: Option<&str>,
-    inventory: &str,
-    source_note: &str,
-) -> Value {
-    let mut body = object.clone();
+fn apply_body(object: Value, namespace: Option<&str>, inventory: &str, source_note: &str) -> Value {
+    let mut body = object;
     let metadata = body
         .as_object_mut()
         .and_then(|map| map.get_mut("metadata"))
@@ -1172,7 +1169,9 @@ async fn plan_against(
         }
     }
 
-    let prefetched = prefetch_live(cluster, &desired, &creating_namespaces).await?;
+    // Each prefetched object is handed over (not copied) to the one look that needs it.
+    let prefetched =
+        std::sync::Mutex::new(prefetch_live(cluster, &desired, &creating_namespaces).await?);
     let looked: Vec<Looked> = stream::iter(desired.iter())
         .map(|d| {
             look(
@@ -1181,7 +1180,10 @@ async fn plan_against(
                 &creating_namespaces,
                 policy,
                 label(&d.manifest.origin),
-                prefetched.get(&d.key).cloned(),
+                prefetched
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&d.key),
             )
         })
         .buffered(CONCURRENCY)
@@ -1322,8 +1324,7 @@ async fn prefetch_live(
             .await?;
         let mut by_name: HashMap<String, Value> = items
             .into_iter()
-            .filter_map(|mut item| {
-                keep_own_managed_fields(&mut item);
+            .filter_map(|item| {
                 let name = item.pointer("/metadata/name")?.as_str()?.to_string();
                 Some((name, item))
             })
@@ -1339,16 +1340,6 @@ async fn prefetch_live(
     .try_collect()
     .await?;
     Ok(lists.into_iter().flatten().collect())
-}
-
-/// Drops other managers' managedFields entries (often the bulk of an object); kommit's own entry
-/// is what proves an object unchanged and what a replace diff is made from.
-fn keep_own_managed_fields(item: &mut Value) {
-    if let Some(Value::Array(entries)) = item.pointer_mut("/metadata/managedFields") {
-        entries.retain(|entry| {
-            entry.get("manager").and_then(Value::as_str) == Some(object::FIELD_MANAGER)
-        });
-    }
 }
 
 async fn look(
@@ -1380,7 +1371,8 @@ async fn look(
             action,
             key: key.clone(),
             resource: desired.resource.clone(),
-            body: Some(desired.body.clone()),
+            // Only what is written needs its body; unchanged objects keep none.
+            body: action.writes().then(|| desired.body.clone()),
             origin: Some(origin.clone()),
             live_uid,
         })
@@ -1908,7 +1900,7 @@ mod tests {
     fn apply_body_sets_namespace_and_inventory_but_no_attribution() {
         let object = json!({"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": "c", "labels": {"app": "web"}}, "data": {"a": "1"}});
-        let body = apply_body(&object, Some("shop"), "src-abc", "/repo#deploy");
+        let body = apply_body(object, Some("shop"), "src-abc", "/repo#deploy");
         assert_eq!(body["metadata"]["namespace"], "shop");
         assert_eq!(body["metadata"]["labels"]["app"], "web");
         assert_eq!(body["metadata"]["labels"][INVENTORY_LABEL], "src-abc");
@@ -1922,7 +1914,7 @@ mod tests {
                 .is_none()
         );
         let cluster_scoped = apply_body(
-            &json!({"metadata": {"name": "n", "namespace": "x"}}),
+            json!({"metadata": {"name": "n", "namespace": "x"}}),
             None,
             "i",
             "s",

@@ -115,7 +115,7 @@ fn start_watches(cluster: &Cluster, watched: &[Watched]) -> Option<(Stores, Driv
     let (deployments, deployment_writer) = reflector::store::<Deployment>();
     let (replica_sets, replica_set_writer) = reflector::store::<ReplicaSet>();
     let (pods, pod_writer) = reflector::store::<Pod>();
-    let config = watcher::Config::default();
+    let config = watcher::Config::default().page_size(100);
     // Health needs metadata and status; the caches keep little else (a no-op sync of a thousand
     // Deployments would otherwise hold every pod spec and managedFields entry).
     let deployment_events = watcher(api::<Deployment>(&client, &namespaces), config.clone())
