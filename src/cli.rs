@@ -152,6 +152,8 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Print the GitSync CustomResourceDefinition (generated from kommit's types)
+    Crd,
     /// Which commit is live and whether the cluster is in sync with it
     Status {
         #[command(flatten)]
@@ -505,6 +507,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             });
             let rows = reconcile::history(&git, &cluster, &target, only.as_deref()).await?;
             print_history(&rows, output)?;
+            Ok(exit::OK)
+        }
+        Command::Crd => {
+            print(&crate::operator::crd_yaml())?;
             Ok(exit::OK)
         }
         Command::Status { source, output } => {

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cluster;
 pub mod manifest;
 pub mod object;
+pub mod operator;
 pub mod plan;
 pub mod reconcile;
 pub mod rollout;

@@ -289,3 +289,39 @@ fn the_server_reports_the_real_kubernetes_version() {
     let nodes = kubectl_ok(&["get", "nodes", "-o", "jsonpath={.items[*].metadata.name}"]);
     assert!(nodes.split_whitespace().count() >= 3, "{nodes}");
 }
+
+#[test]
+fn the_gitsync_crd_installs_and_serves_gitsyncs() {
+    let ns = TestNamespace::new("crd");
+    let crd = std::process::Command::new(env!("CARGO_BIN_EXE_kommit"))
+        .arg("crd")
+        .output()
+        .expect("kommit crd runs");
+    assert!(crd.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("crd.yaml");
+    std::fs::write(&file, &crd.stdout).unwrap();
+    kubectl_ok(&["apply", "--server-side", "-f", file.to_str().unwrap()]);
+    kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/gitsyncs.kommit.dev",
+        "--timeout=60s",
+    ]);
+    kubectl_apply(
+        &ns.name,
+        "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {name: shop}\nspec:\n  repo: https://example.com/shop.git\n  path: deploy\n",
+        &[],
+    );
+    let interval = jsonpath(&ns.name, "gitsync/shop", "{.spec.interval}");
+    assert_eq!(interval, "1m", "defaults come from the schema");
+    assert_eq!(
+        jsonpath(&ns.name, "gitsync/shop", "{.spec.autoRollback}"),
+        "true"
+    );
+    let listed = kubectl_ok(&["get", "gitsyncs", "-n", &ns.name]);
+    assert!(
+        listed.contains("COMMIT") && listed.contains("HEALTH"),
+        "{listed}"
+    );
+}

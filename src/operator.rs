@@ -1,0 +1,165 @@
+//! The in-cluster face of kommit: the `GitSync` custom resource (group `kommit.dev`). Its CRD
+//! is generated from these types (`kommit crd`).
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::audit::HistoryEntry;
+
+/// Keeps a path of a git repository synced into the cluster.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kommit.dev",
+    version = "v1alpha1",
+    kind = "GitSync",
+    plural = "gitsyncs",
+    shortname = "gs",
+    namespaced,
+    status = "GitSyncStatus",
+    printcolumn = r#"{"name":"Commit","type":"string","jsonPath":".status.lastAppliedCommitShort"}"#,
+    printcolumn = r#"{"name":"Synced","type":"string","jsonPath":".status.conditions[?(@.type==\"Synced\")].status"}"#,
+    printcolumn = r#"{"name":"Health","type":"string","jsonPath":".status.health"}"#,
+    printcolumn = r#"{"name":"Subject","type":"string","priority":1,"jsonPath":".status.lastAppliedSubject"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GitSyncSpec {
+    /// Repository URL (https://, ssh://, git@host:path, or file:// for a path the operator can
+    /// read).
+    pub repo: String,
+    /// Branch to follow (default: the repository's default branch). Exclusive with `rev`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// A fixed revision (tag or commit SHA) instead of a branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
+    /// Folder of the repository holding the manifests (default: all of it).
+    #[serde(default)]
+    pub path: String,
+    /// Namespace for manifests that name none (default: the GitSync's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_namespace: Option<String>,
+    /// How often to fetch and to look for drift, e.g. `1m`, `30s`.
+    #[serde(default = "default_interval")]
+    pub interval: String,
+    /// Delete objects that left git.
+    #[serde(default)]
+    pub prune: bool,
+    /// Re-apply the commit when someone edits a synced object.
+    #[serde(default)]
+    pub self_heal: bool,
+    /// Re-apply the last healthy commit when a rollout fails.
+    #[serde(default = "default_true")]
+    pub auto_rollback: bool,
+    /// Stop making changes (the status is still reported).
+    #[serde(default)]
+    pub suspend: bool,
+    /// A Secret with git credentials: `token` (https), or `ssh-privatekey` and `known_hosts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+}
+
+fn default_interval() -> String {
+    "1m".to_string()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretRef {
+    pub name: String,
+}
+
+/// A condition in the usual Kubernetes shape.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Ready, Synced, Healthy or Stalled.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// An object the GitSync applied.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InventoryEntry {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GitSyncStatus {
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_commit: Option<String>,
+    /// The first seven characters, for `kubectl get gitsyncs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_commit_short: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_healthy_commit: Option<String>,
+    /// Healthy, Progressing, Degraded, Missing or Unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+    /// The latest sync outcomes, newest first (bounded).
+    #[serde(default)]
+    pub history: Vec<HistoryEntry>,
+    #[serde(default)]
+    pub inventory: Vec<InventoryEntry>,
+}
+
+/// The CustomResourceDefinition of GitSync as YAML, generated from the Rust types.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let crd = GitSync::crd();
+    serde_saphyr::to_string(&crd).unwrap_or_else(|e| format!("# cannot render the CRD: {e}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_crd_names_group_kind_and_columns() {
+        let yaml = crd_yaml();
+        assert!(yaml.contains("name: gitsyncs.kommit.dev"), "{yaml}");
+        assert!(yaml.contains("kind: GitSync"));
+        assert!(yaml.contains("scope: Namespaced"));
+        assert!(yaml.contains("name: Commit") && yaml.contains("name: Health"));
+        assert!(yaml.contains("autoRollback") && yaml.contains("secretRef"));
+    }
+
+    #[test]
+    fn spec_defaults_match_the_docs() {
+        let spec: GitSyncSpec =
+            serde_json::from_value(serde_json::json!({"repo": "https://example.com/app.git"}))
+                .unwrap();
+        assert_eq!(spec.interval, "1m");
+        assert!(
+            spec.auto_rollback,
+            "auto-rollback is on by default in the operator"
+        );
+        assert!(!spec.prune && !spec.self_heal && !spec.suspend);
+    }
+}
