@@ -154,6 +154,12 @@ pub enum Command {
     },
     /// Print the GitSync CustomResourceDefinition (generated from kommit's types)
     Crd,
+    /// Run the GitSync controller (in the cluster, or from here against any cluster)
+    Operator {
+        /// Only reconcile GitSyncs of this namespace (default: all namespaces)
+        #[arg(long, value_name = "NS")]
+        watch_namespace: Option<String>,
+    },
     /// Which commit is live and whether the cluster is in sync with it
     Status {
         #[command(flatten)]
@@ -344,7 +350,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 dry_run: true,
                 ..Policy::default()
             };
-            let report = reconcile::sync(&git, &mut cluster, &target, &policy, &|_| {}).await?;
+            let report =
+                reconcile::sync(&git, &mut cluster, &target, &policy, &reconcile::Quiet).await?;
             print_plan(&report.plan, output, color)?;
             Ok(if report.plan.summary().has_changes() {
                 exit::CHANGES
@@ -372,9 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 ..Policy::default()
             });
             let progress = ProgressView::new(output == Output::Text);
-            let report =
-                reconcile::sync(&git, &mut cluster, &target, &policy, &|h| progress.show(h))
-                    .await?;
+            let report = reconcile::sync(&git, &mut cluster, &target, &policy, &progress).await?;
             progress.finish();
             print_sync(&report, output, color)?;
             Ok(if report.failed() {
@@ -426,7 +431,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 &mut cluster,
                 &target,
                 &options,
-                &|h| progress.show(h),
+                &progress,
                 &|event| print_watch_event(&event, color),
                 shutdown,
             )
@@ -444,8 +449,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let policy = rollout.apply_to(Policy::default());
             let progress = ProgressView::new(output == Output::Text);
             let report =
-                reconcile::rollback_to(&git, &mut cluster, &target, &policy, &|h| progress.show(h))
-                    .await?;
+                reconcile::rollback_to(&git, &mut cluster, &target, &policy, &progress).await?;
             progress.finish();
             print_sync(&report, output, color)?;
             if report.failed() {
@@ -481,9 +485,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             };
             let policy = rollout.apply_to(Policy::default());
             let progress = ProgressView::new(output == Output::Text);
-            let report =
-                reconcile::sync(&git, &mut cluster, &target, &policy, &|h| progress.show(h))
-                    .await?;
+            let report = reconcile::sync(&git, &mut cluster, &target, &policy, &progress).await?;
             progress.finish();
             print_sync(&report, output, color)?;
             Ok(if report.failed() {
@@ -511,6 +513,23 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Crd => {
             print(&crate::operator::crd_yaml())?;
+            Ok(exit::OK)
+        }
+        Command::Operator { watch_namespace } => {
+            let cluster = Cluster::connect(&connect).await?;
+            eprintln!(
+                "kommit: reconciling GitSyncs in {} on {}",
+                watch_namespace
+                    .as_deref()
+                    .map_or("all namespaces".to_string(), |ns| format!("namespace {ns}")),
+                cluster.server()
+            );
+            crate::operator::controller::run(
+                cluster,
+                watch_namespace.as_deref(),
+                default_cache_dir(),
+            )
+            .await;
             Ok(exit::OK)
         }
         Command::Status { source, output } => {
@@ -551,7 +570,9 @@ impl ProgressView {
             logged: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
+}
 
+impl reconcile::Progress for ProgressView {
     fn show(&self, objects: &[ObjectHealth]) {
         if !self.enabled {
             return;
@@ -593,7 +614,9 @@ impl ProgressView {
             }
         }
     }
+}
 
+impl ProgressView {
     fn report(&self, bar: &indicatif::ProgressBar, object: &ObjectHealth, line: &str) {
         let mark = match object.health {
             Health::Healthy => "✓",

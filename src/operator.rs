@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::HistoryEntry;
 
+pub mod controller;
+
 /// Keeps a path of a git repository synced into the cluster.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(

@@ -22,7 +22,7 @@ use crate::source::{CommitInfo, GitSource, SourceError};
 pub mod wait;
 pub mod watch;
 
-pub use wait::{ObjectHealth, WaitOptions, WaitOutcome, Watched};
+pub use wait::{ObjectHealth, Progress, Quiet, WaitOptions, WaitOutcome, Watched};
 pub use watch::{WatchEvent, WatchOptions};
 
 /// How many API requests run at once.
@@ -227,7 +227,7 @@ pub async fn sync(
     cluster: &mut Cluster,
     target: &Target,
     policy: &Policy,
-    progress: &(dyn Fn(&[ObjectHealth]) + Send + Sync),
+    progress: &dyn Progress,
 ) -> Result<SyncReport, ReconcileError> {
     let loaded = load(source, cluster, target)?;
     if policy.dry_run {
@@ -497,7 +497,7 @@ pub async fn rollback_to(
     cluster: &mut Cluster,
     target: &Target,
     policy: &Policy,
-    progress: &(dyn Fn(&[ObjectHealth]) + Send + Sync),
+    progress: &dyn Progress,
 ) -> Result<SyncReport, ReconcileError> {
     let policy = Policy {
         unpin: true,

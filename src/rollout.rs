@@ -183,6 +183,23 @@ pub fn deployment_health(deployment: &Value, new_pods: &[Value]) -> (Verdict, Ve
         }
         return (Verdict::new(Health::Degraded, message), signals);
     }
+    // Pods the ReplicaSet may not create (quota, admission) will not come by waiting.
+    if let Some(failure) = condition(deployment, "ReplicaFailure")
+        && failure.get("status").and_then(Value::as_str) == Some("True")
+    {
+        let reason = failure
+            .get("reason")
+            .and_then(Value::as_str)
+            .unwrap_or("ReplicaFailure");
+        let message = failure.get("message").and_then(Value::as_str).unwrap_or("");
+        return (
+            Verdict::new(
+                Health::Degraded,
+                format!("cannot create pods ({reason}): {message}"),
+            ),
+            signals,
+        );
+    }
     let desired = int(deployment, "/spec/replicas").unwrap_or(1);
     let updated = int(deployment, "/status/updatedReplicas").unwrap_or(0);
     let total = int(deployment, "/status/replicas").unwrap_or(0);
@@ -345,6 +362,24 @@ mod tests {
         assert_eq!(v.health, Health::Degraded);
         assert!(
             v.message.contains("progress deadline") && v.message.contains("web-new"),
+            "{}",
+            v.message
+        );
+    }
+
+    #[test]
+    fn pods_refused_by_quota_or_admission_fail_at_once() {
+        let mut d = deployment(2, 2, 3, 0, 3, 3);
+        d["status"]["conditions"] = json!([{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+            "message": "pods \"web-1\" is forbidden: exceeded quota: compute"}]);
+        let (v, signals) = deployment_health(&d, &[]);
+        assert_eq!(v.health, Health::Degraded);
+        assert!(
+            signals.is_empty(),
+            "no pod signal: the verdict alone fails the rollout"
+        );
+        assert!(
+            v.message.contains("FailedCreate") && v.message.contains("exceeded quota"),
             "{}",
             v.message
         );

@@ -314,3 +314,43 @@ fn a_sync_killed_while_waiting_picks_up_where_the_rollout_is() {
         "3"
     );
 }
+
+#[test]
+fn pods_refused_by_a_quota_fail_the_rollout_without_waiting_for_the_deadline() {
+    let ns = TestNamespace::new("quota");
+    let repo = GitRepo::new();
+    repo.write("web.yaml", &web(&ns.name, "nginx:1.25"));
+    let v1 = repo.commit("Web on nginx 1.25");
+    assert_eq!(sync(&repo, &[]).code, 0);
+    // Three pods allowed: the rolling update's surge pod is refused by admission.
+    kubectl_apply(
+        &ns.name,
+        "apiVersion: v1\nkind: ResourceQuota\nmetadata: {name: pods}\nspec:\n  hard: {pods: \"3\"}\n",
+        &[],
+    );
+    wait_until(Duration::from_secs(30), "the quota counts the pods", || {
+        jsonpath(&ns.name, "resourcequota/pods", "{.status.used.pods}") == "3"
+    });
+    repo.write("web.yaml", &web(&ns.name, "nginx:1.26"));
+    repo.commit("Web on nginx 1.26");
+    let started = std::time::Instant::now();
+    let run = kommit(&[
+        "sync",
+        "--repo",
+        repo.path_str(),
+        "--auto-rollback",
+        "--timeout",
+        "5m",
+    ]);
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(run.stdout.contains("exceeded quota"), "says why: {run:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "called as soon as the signal is clear"
+    );
+    assert!(
+        run.stdout.contains(&format!("Rolled back to {}", &v1[..7])),
+        "{run:?}"
+    );
+    assert_eq!(image(&ns.name), "nginx:1.25");
+}

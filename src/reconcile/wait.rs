@@ -38,6 +38,24 @@ impl Default for WaitOptions {
     }
 }
 
+/// Receives the health of the watched objects whenever a verdict changes.
+pub trait Progress: Send + Sync {
+    fn show(&self, objects: &[ObjectHealth]);
+}
+
+impl<F: Fn(&[ObjectHealth]) + Send + Sync> Progress for F {
+    fn show(&self, objects: &[ObjectHealth]) {
+        self(objects)
+    }
+}
+
+/// Shows nothing (diffs, the operator: the outcome is told elsewhere).
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn show(&self, _: &[ObjectHealth]) {}
+}
+
 /// One object to judge.
 #[derive(Debug, Clone)]
 pub struct Watched {
@@ -319,7 +337,7 @@ pub async fn wait_healthy(
     cluster: &Cluster,
     watched: &[Watched],
     options: &WaitOptions,
-    progress: &(dyn Fn(&[ObjectHealth]) + Send + Sync),
+    progress: &dyn Progress,
 ) -> Result<WaitOutcome, ClusterError> {
     let started = Instant::now();
     if watched.is_empty() {
@@ -358,7 +376,7 @@ pub async fn wait_healthy(
         let now = Instant::now();
         let objects: Vec<ObjectHealth> = judged.iter().map(|(h, _)| h.clone()).collect();
         if objects != last_reported {
-            progress(&objects);
+            progress.show(&objects);
             last_reported = objects.clone();
         }
         // Failures that will not heal by waiting.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use notify_debouncer_full::notify::RecursiveMode;
 use tokio::sync::mpsc;
 
-use super::{ObjectHealth, Policy, ReconcileError, SyncReport, Target, sync};
+use super::{Policy, Progress, ReconcileError, SyncReport, Target, sync};
 use crate::cluster::Cluster;
 use crate::plan::Plan;
 use crate::source::GitSource;
@@ -40,7 +40,7 @@ pub async fn watch(
     cluster: &mut Cluster,
     target: &Target,
     options: &WatchOptions,
-    progress: &(dyn Fn(&[ObjectHealth]) + Send + Sync),
+    progress: &dyn Progress,
     on_event: &(dyn Fn(WatchEvent) + Send + Sync),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ReconcileError> {
