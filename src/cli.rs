@@ -378,15 +378,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 allow_mass_prune,
                 ..Policy::default()
             });
-            let progress = ProgressView::new(output == Output::Text);
-            let report = reconcile::sync(&git, &mut cluster, &target, &policy, &progress).await?;
-            progress.finish();
-            print_sync(&report, output, color)?;
-            Ok(if report.failed() {
-                exit::ROLLOUT_FAILED
-            } else {
-                exit::OK
-            })
+            sync_and_print(&git, &mut cluster, &target, &policy, output, color).await
         }
         Command::Watch {
             source,
@@ -484,15 +476,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 ..target
             };
             let policy = rollout.apply_to(Policy::default());
-            let progress = ProgressView::new(output == Output::Text);
-            let report = reconcile::sync(&git, &mut cluster, &target, &policy, &progress).await?;
-            progress.finish();
-            print_sync(&report, output, color)?;
-            Ok(if report.failed() {
-                exit::ROLLOUT_FAILED
-            } else {
-                exit::OK
-            })
+            sync_and_print(&git, &mut cluster, &target, &policy, output, color).await
         }
         Command::History {
             deployment,
@@ -546,6 +530,26 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
     }
+}
+
+/// Syncs with progress shown, prints the outcome, and says which exit code it deserves.
+async fn sync_and_print(
+    git: &GitSource,
+    cluster: &mut Cluster,
+    target: &Target,
+    policy: &Policy,
+    output: Output,
+    color: bool,
+) -> anyhow::Result<u8> {
+    let progress = ProgressView::new(output == Output::Text);
+    let report = reconcile::sync(git, cluster, target, policy, &progress).await?;
+    progress.finish();
+    print_sync(&report, output, color)?;
+    Ok(if report.failed() {
+        exit::ROLLOUT_FAILED
+    } else {
+        exit::OK
+    })
 }
 
 /// Shows rollout progress: live lines on a terminal, a log line per change otherwise.

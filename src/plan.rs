@@ -395,22 +395,8 @@ pub fn replacement_diff(key: &ObjectKey, live: &Value, desired: &Value, to_label
     let mut after = normalize(desired);
     // What kommit applied last is exactly the live fields it owns; without that record, the
     // part of the live object the desired one speaks about.
-    let mut before = match owned_fields(live, crate::object::FIELD_MANAGER) {
-        Some(fields) => {
-            let mut owned = project_fields(live, fields);
-            // fieldsV1 never lists the identity; it is part of every manifest.
-            for pointer in [
-                "/apiVersion",
-                "/kind",
-                "/metadata/name",
-                "/metadata/namespace",
-            ] {
-                if let Some(value) = live.pointer(pointer) {
-                    set_pointer(&mut owned, pointer, value.clone());
-                }
-            }
-            normalize(&owned)
-        }
+    let mut before = match owned_view(live, crate::object::FIELD_MANAGER) {
+        Some(owned) => normalize(&owned),
         None => project(&normalize(live), &after),
     };
     mask_secrets(key, Some(&mut before), Some(&mut after));

@@ -369,22 +369,19 @@ pub async fn sync(
                 .find(|k| k.to_string() == *object)
                 .cloned();
             let why = format!("{object}: {reason}");
-            if let Some(key) = &failed_key {
-                let api_version = prepared.api_version(key);
-                events
-                    .publish(
-                        key,
-                        &api_version,
-                        true,
-                        "RolloutFailed",
-                        format!(
-                            "commit {} (\"{}\"): {reason}",
-                            commit.short_sha(),
-                            commit.subject
-                        ),
-                    )
-                    .await;
-            }
+            let message = format!(
+                "commit {} (\"{}\"): {reason}",
+                commit.short_sha(),
+                commit.subject
+            );
+            warn_on(
+                &events,
+                &prepared,
+                failed_key.as_ref(),
+                "RolloutFailed",
+                message,
+            )
+            .await;
             let healthy_before = record.last_healthy.clone().filter(|c| *c != commit.sha);
             report.rollout = Some(outcome.clone());
             match healthy_before {
@@ -404,23 +401,20 @@ pub async fn sync(
                     let watched = watched_objects(cluster, &back)?;
                     let back_outcome =
                         wait::wait_healthy(cluster, &watched, wait_options, progress).await?;
-                    if let Some(key) = &failed_key {
-                        let api_version = prepared.api_version(key);
-                        events
-                            .publish(
-                                key,
-                                &api_version,
-                                true,
-                                "RolledBack",
-                                format!(
-                                    "rolled back to {} (\"{}\") after commit {} failed: {reason}",
-                                    to.short_sha(),
-                                    to.subject,
-                                    commit.short_sha()
-                                ),
-                            )
-                            .await;
-                    }
+                    let message = format!(
+                        "rolled back to {} (\"{}\") after commit {} failed: {reason}",
+                        to.short_sha(),
+                        to.subject,
+                        commit.short_sha()
+                    );
+                    warn_on(
+                        &events,
+                        &prepared,
+                        failed_key.as_ref(),
+                        "RolledBack",
+                        message,
+                    )
+                    .await;
                     record.push(audit::entry(
                         &commit,
                         Outcome::RolledBack,
@@ -695,6 +689,21 @@ pub async fn history(
         rows.extend(revisions);
     }
     Ok(rows)
+}
+
+/// A warning Event on the object a failure concerns (when it is one of the commit's objects).
+async fn warn_on(
+    events: &Events,
+    prepared: &Prepared,
+    key: Option<&ObjectKey>,
+    reason: &str,
+    note: String,
+) {
+    if let Some(key) = key {
+        events
+            .publish(key, &prepared.api_version(key), true, reason, note)
+            .await;
+    }
 }
 
 fn sync_note(commit: &CommitInfo) -> String {
