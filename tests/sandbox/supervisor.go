@@ -19,6 +19,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
@@ -174,7 +175,7 @@ func runSupervisor(args []string) int {
 	)
 
 	for i := 0; i < *nodes; i++ {
-		if err := createNode(ctx, clientset, fmt.Sprintf("kwok-node-%d", i)); err != nil {
+		if err := createNode(ctx, clientset, fmt.Sprintf("kwok-node-%d", i), fmt.Sprintf("10.1.0.%d", i+1)); err != nil {
 			return fail("creating node: %v", err)
 		}
 	}
@@ -313,7 +314,14 @@ func writeKwokConfig(path string) error {
 	return os.WriteFile(path, []byte(strings.Join(docs, "\n---\n")), 0o644)
 }
 
-func createNode(ctx context.Context, clientset *kubernetes.Clientset, name string) error {
+// createNode registers a node for kwok to manage, with the resources of a large real node (kwok's
+// node-initialize stage keeps the allocatable, capacity and addresses it finds).
+func createNode(ctx context.Context, clientset *kubernetes.Clientset, name, ip string) error {
+	resources := corev1.ResourceList{
+		corev1.ResourceCPU:    resource.MustParse("32"),
+		corev1.ResourceMemory: resource.MustParse("256Gi"),
+		corev1.ResourcePods:   resource.MustParse("110"),
+	}
 	node := &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{
 			Name: name,
@@ -327,6 +335,14 @@ func createNode(ctx context.Context, clientset *kubernetes.Clientset, name strin
 			Annotations: map[string]string{
 				"kwok.x-k8s.io/node":           "fake",
 				"node.alpha.kubernetes.io/ttl": "0",
+			},
+		},
+		Status: corev1.NodeStatus{
+			Allocatable: resources,
+			Capacity:    resources,
+			Addresses: []corev1.NodeAddress{
+				{Type: corev1.NodeInternalIP, Address: ip},
+				{Type: corev1.NodeHostName, Address: name},
 			},
 		},
 	}
