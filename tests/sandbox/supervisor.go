@@ -315,12 +315,13 @@ func writeKwokConfig(path string) error {
 }
 
 // createNode registers a node for kwok to manage, with the resources of a large real node (kwok's
-// node-initialize stage keeps the allocatable, capacity and addresses it finds).
+// node-initialize stage keeps the allocatable, capacity and addresses it finds). The pod cap is
+// above kubelet's default of 110: scripts/bench runs 1,100 one-replica Deployments on 3 nodes.
 func createNode(ctx context.Context, clientset *kubernetes.Clientset, name, ip string) error {
 	resources := corev1.ResourceList{
 		corev1.ResourceCPU:    resource.MustParse("32"),
 		corev1.ResourceMemory: resource.MustParse("256Gi"),
-		corev1.ResourcePods:   resource.MustParse("110"),
+		corev1.ResourcePods:   resource.MustParse("500"),
 	}
 	node := &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{
