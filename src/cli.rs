@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use anyhow::Context as _;
+
 use crate::cluster::{Cluster, ConnectOptions};
+use crate::operator::leader::LeaseSettings;
 use crate::plan::{self, Action, Plan};
 use crate::reconcile::{self, ObjectHealth, Policy, Target, WaitOptions, WaitOutcome};
 use crate::rollout::Health;
@@ -159,6 +162,30 @@ pub enum Command {
         /// Only reconcile GitSyncs of this namespace (default: all namespaces)
         #[arg(long, value_name = "NS")]
         watch_namespace: Option<String>,
+        /// Address of the HTTP server: /healthz, /readyz, /metrics and /webhook
+        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
+        listen: String,
+        /// Reconcile without a leader lease (only safe with a single replica)
+        #[arg(long)]
+        no_leader_election: bool,
+        /// Namespace of the leader Lease (default: the pod's, else the watched one, else "default")
+        #[arg(long, value_name = "NS", env = "KOMMIT_LEADER_ELECTION_NAMESPACE")]
+        leader_election_namespace: Option<String>,
+        /// Name of the leader Lease
+        #[arg(long, value_name = "NAME", default_value = "kommit-operator")]
+        lease_name: String,
+        /// How long a leader's lease lasts unrenewed: the longest a dead leader delays a takeover
+        #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+        lease_duration: std::time::Duration,
+        /// Shared secret of the GitHub/Gitea webhook signatures and GitLab's token
+        #[arg(
+            long,
+            value_name = "SECRET",
+            env = "KOMMIT_WEBHOOK_SECRET",
+            hide_env_values = true,
+            hide = true
+        )]
+        webhook_secret: Option<String>,
     },
     /// Which commit is live and whether the cluster is in sync with it
     Status {
@@ -274,7 +301,12 @@ pub enum Output {
 /// Runs the command line; the binary's whole `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.global.verbose);
+    // A service logs what it does; a command speaks only when asked.
+    let service = matches!(
+        cli.command,
+        Command::Operator { .. } | Command::Watch { .. }
+    );
+    init_logging(cli.global.verbose.max(u8::from(service)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -286,7 +318,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // A sync the operator cut short at shutdown may still hold a blocking thread; do not wait.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
             eprintln!("error: {}", error_text(&error));
@@ -305,6 +340,17 @@ fn error_text(error: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+/// The namespace this process runs in, when it runs in a pod.
+fn own_namespace() -> Option<String> {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok()
+        })
+        .map(|ns| ns.trim().to_string())
+        .filter(|ns| !ns.is_empty())
 }
 
 fn init_logging(verbose: u8) {
@@ -499,21 +545,56 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             print(&crate::operator::crd_yaml())?;
             Ok(exit::OK)
         }
-        Command::Operator { watch_namespace } => {
+        Command::Operator {
+            watch_namespace,
+            listen,
+            no_leader_election,
+            leader_election_namespace,
+            lease_name,
+            lease_duration,
+            webhook_secret,
+        } => {
             let cluster = Cluster::connect(&connect).await?;
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| {
+                    format!("cannot listen on {listen}: choose another address with --listen")
+                })?;
+            let address = listener.local_addr().context("the listening address")?;
+            eprintln!("kommit: listening on {address}");
+            let lease = (!no_leader_election).then(|| LeaseSettings {
+                namespace: leader_election_namespace
+                    .or_else(own_namespace)
+                    .or_else(|| watch_namespace.clone())
+                    .unwrap_or_else(|| "default".into()),
+                name: lease_name,
+                identity: crate::operator::leader::default_identity(),
+                duration: lease_duration,
+            });
             eprintln!(
-                "kommit: reconciling GitSyncs in {} on {}",
+                "kommit: reconciling GitSyncs in {} on {}{}",
                 watch_namespace
                     .as_deref()
                     .map_or("all namespaces".to_string(), |ns| format!("namespace {ns}")),
-                cluster.server()
+                cluster.server(),
+                lease.as_ref().map_or(String::new(), |l| format!(
+                    " once leader (Lease {}/{}, identity {})",
+                    l.namespace, l.name, l.identity
+                ))
             );
-            crate::operator::controller::run(
-                cluster,
-                watch_namespace.as_deref(),
-                default_cache_dir(),
-            )
-            .await;
+            if webhook_secret.is_none() {
+                eprintln!(
+                    "kommit: no webhook secret (KOMMIT_WEBHOOK_SECRET): webhooks are refused"
+                );
+            }
+            let options = crate::operator::run::OperatorOptions {
+                watch_namespace,
+                listener,
+                lease,
+                webhook_secret: webhook_secret.map(String::into_bytes),
+                cache_dir: default_cache_dir(),
+            };
+            crate::operator::run::run(cluster, options).await?;
             Ok(exit::OK)
         }
         Command::Status { source, output } => {

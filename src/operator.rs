@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 use crate::audit::HistoryEntry;
 
 pub mod controller;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod run;
+pub mod webhook;
 
 /// Keeps a path of a git repository synced into the cluster.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -129,6 +134,9 @@ pub struct GitSyncStatus {
     pub history: Vec<HistoryEntry>,
     #[serde(default)]
     pub inventory: Vec<InventoryEntry>,
+    /// The last `kommit.dev/reconcile-requested-at` annotation (set by webhooks) acted upon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_reconcile_at: Option<String>,
 }
 
 /// The CustomResourceDefinition of GitSync as YAML, generated from the Rust types.

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -43,15 +43,7 @@ fn a_gitsync_follows_its_repository_rolls_back_a_bad_commit_and_can_be_suspended
     let repo = GitRepo::new();
     repo.write("deploy/web.yaml", &web("nginx:1.25"));
     let v1 = repo.commit("Web on nginx 1.25");
-    let cache = tempfile::tempdir().unwrap();
-    let mut operator = Command::new(env!("CARGO_BIN_EXE_kommit"))
-        .args(["operator", "--watch-namespace", &ns.name])
-        .env("KUBECONFIG", kubeconfig())
-        .env("KOMMIT_CACHE_DIR", cache.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _operator = OperatorProcess::start(&["--watch-namespace", &ns.name], &[]);
     kubectl_apply(
         &ns.name,
         &format!(
@@ -119,7 +111,4 @@ fn a_gitsync_follows_its_repository_rolls_back_a_bad_commit_and_can_be_suspended
     repo.commit("Web on nginx 1.27");
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(image(), "nginx:1.26", "a suspended GitSync changes nothing");
-
-    let _ = operator.kill();
-    let _ = operator.wait();
 }

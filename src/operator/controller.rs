@@ -14,6 +14,8 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::http::REQUESTED_AT_ANNOTATION;
+use super::metrics::{GitSyncLabels, Metrics};
 use super::{Condition, GitSync, GitSyncStatus, InventoryEntry};
 use crate::audit::{self, HistoryEntry, Outcome};
 use crate::cli::parse_duration;
@@ -36,20 +38,37 @@ pub enum OperatorError {
     Status { name: String, message: String },
 }
 
+impl OperatorError {
+    /// The failure reason for the metrics, as in the status conditions.
+    fn reason(&self) -> &'static str {
+        match self {
+            OperatorError::Reconcile(_) => "SyncFailed",
+            OperatorError::Source { .. } => "SourceUnavailable",
+            OperatorError::Status { .. } => "StatusWriteFailed",
+        }
+    }
+}
+
 pub struct Context {
     pub cluster: Cluster,
     pub cache_dir: PathBuf,
+    pub metrics: Arc<Metrics>,
 }
 
-/// Runs the controller until SIGTERM/SIGINT; `namespace` limits it to one namespace.
-pub async fn run(cluster: Cluster, namespace: Option<&str>, cache_dir: PathBuf) {
+/// Runs the controller until `shutdown` resolves (then lets the reconciles in flight finish);
+/// `namespace` limits it to one namespace.
+pub async fn run(
+    context: Arc<Context>,
+    namespace: Option<&str>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = context.cluster.client().clone();
     let api: Api<GitSync> = match namespace {
-        Some(ns) => Api::namespaced(cluster.client().clone(), ns),
-        None => Api::all(cluster.client().clone()),
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
     };
-    let context = Arc::new(Context { cluster, cache_dir });
     Controller::new(api, watcher::Config::default())
-        .shutdown_on_signal()
+        .graceful_shutdown_on(shutdown)
         .run(reconcile_one, error_policy, context)
         .for_each(|result| async move {
             match result {
@@ -88,9 +107,60 @@ async fn reconcile_one(
     gitsync: Arc<GitSync>,
     context: Arc<Context>,
 ) -> Result<Action, OperatorError> {
+    let labels = GitSyncLabels {
+        namespace: gitsync.namespace().unwrap_or_default(),
+        name: gitsync.name_any(),
+    };
+    let started = std::time::Instant::now();
+    let result = sync_gitsync(&gitsync, &context).await;
+    let failure = match &result {
+        Ok(outcome) => outcome.failure,
+        Err(e) => Some(e.reason()),
+    };
+    if !matches!(result, Ok(Reconciled { skipped: true, .. })) {
+        context
+            .metrics
+            .reconciled(&labels, started.elapsed(), failure);
+    }
+    if let Ok(outcome) = &result {
+        if outcome.rolled_back {
+            context.metrics.rolled_back(&labels);
+        }
+        if let Some(commit_time) = outcome.commit_time {
+            context.metrics.synced_commit(&labels, commit_time);
+        }
+    }
+    result.map(|outcome| outcome.action)
+}
+
+/// What one reconcile did, for the metrics.
+struct Reconciled {
+    action: Action,
+    /// The reason of a failed sync or rollout (a status condition reason).
+    failure: Option<&'static str>,
+    rolled_back: bool,
+    /// When the commit the cluster is now on was made.
+    commit_time: Option<i64>,
+    /// Suspended: nothing was attempted.
+    skipped: bool,
+}
+
+impl Reconciled {
+    fn after(interval: Duration) -> Self {
+        Reconciled {
+            action: Action::requeue(interval),
+            failure: None,
+            rolled_back: false,
+            commit_time: None,
+            skipped: false,
+        }
+    }
+}
+
+async fn sync_gitsync(gitsync: &GitSync, context: &Context) -> Result<Reconciled, OperatorError> {
     let name = gitsync.name_any();
     let namespace = gitsync.namespace().unwrap_or_else(|| "default".to_string());
-    let interval = interval_of(&gitsync);
+    let interval = interval_of(gitsync);
     let spec = &gitsync.spec;
     let _span =
         tracing::info_span!("gitsync", namespace = %namespace, name = %name, repo = %spec.repo)
@@ -99,6 +169,10 @@ async fn reconcile_one(
     let api: Api<GitSync> = Api::namespaced(context.cluster.client().clone(), &namespace);
     let mut status = gitsync.status.clone().unwrap_or_default();
     let generation = gitsync.meta().generation;
+    // A request (webhook or `kubectl annotate`) is handled by this very reconcile.
+    if let Some(requested) = gitsync.annotations().get(REQUESTED_AT_ANNOTATION) {
+        status.last_handled_reconcile_at = Some(requested.clone());
+    }
 
     if spec.suspend {
         set_condition(
@@ -110,7 +184,10 @@ async fn reconcile_one(
             generation,
         );
         write_status(&api, &name, &status).await?;
-        return Ok(Action::requeue(interval));
+        return Ok(Reconciled {
+            skipped: true,
+            ..Reconciled::after(interval)
+        });
     }
 
     let repo = spec.repo.clone();
@@ -156,7 +233,7 @@ async fn reconcile_one(
                 .clone()
                 .unwrap_or_else(|| namespace.clone()),
         ),
-        inventory: Some(inventory_of(&gitsync)),
+        inventory: Some(inventory_of(gitsync)),
     };
     let policy = Policy {
         prune: spec.prune,
@@ -205,7 +282,10 @@ async fn reconcile_one(
                 generation,
             );
             write_status(&api, &name, &status).await?;
-            Ok(Action::requeue(interval))
+            Ok(Reconciled {
+                failure: Some(reason),
+                ..Reconciled::after(interval)
+            })
         }
         Ok(report) if report.dry_run => {
             let drifted: Vec<String> = report
@@ -236,12 +316,24 @@ async fn reconcile_one(
             }
             status.observed_generation = generation;
             write_status(&api, &name, &status).await?;
-            Ok(Action::requeue(interval))
+            Ok(Reconciled {
+                commit_time: Some(report.plan.source.commit.time),
+                ..Reconciled::after(interval)
+            })
         }
         Ok(report) => {
-            record_report(&mut status, &report, generation);
+            let outcome = record_report(&mut status, &report, generation);
             write_status(&api, &name, &status).await?;
-            Ok(Action::requeue(interval))
+            Ok(Reconciled {
+                failure: match outcome {
+                    None => Some("FailedBefore"),
+                    Some(Outcome::Failed | Outcome::RolledBack) => Some("RolloutFailed"),
+                    Some(_) => None,
+                },
+                rolled_back: outcome == Some(Outcome::RolledBack),
+                commit_time: status_commit_time(&report),
+                ..Reconciled::after(interval)
+            })
         }
     }
 }
@@ -274,11 +366,23 @@ async fn sync_on_blocking_thread(
     })
 }
 
+/// When the commit the cluster is on after a sync was made (after a rollback: the one it went
+/// back to).
+fn status_commit_time(report: &reconcile::SyncReport) -> Option<i64> {
+    match &report.rollback {
+        Some(rollback) => Some(rollback.to.time),
+        None if report.skipped.is_none() => Some(report.plan.source.commit.time),
+        None => None,
+    }
+}
+
+/// Writes a sync's outcome into the status and returns it (None: the commit failed before and
+/// was not tried again).
 fn record_report(
     status: &mut GitSyncStatus,
     report: &reconcile::SyncReport,
     generation: Option<i64>,
-) {
+) -> Option<Outcome> {
     let commit = &report.plan.source.commit;
     status.observed_generation = generation;
     status.inventory = report
@@ -302,7 +406,7 @@ fn record_report(
             skipped,
             generation,
         );
-        return;
+        return None;
     }
     let (outcome, reason, applied) = match (&report.rollout, &report.rollback) {
         (Some(WaitOutcome::Healthy { .. }), _) => (Outcome::Healthy, None, commit.clone()),
@@ -405,6 +509,7 @@ fn record_report(
             );
         }
     }
+    Some(outcome)
 }
 
 fn set_condition(

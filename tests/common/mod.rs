@@ -268,3 +268,167 @@ pub fn rollout_status(namespace: &str, deployment: &str, timeout: &str) -> Outpu
         &format!("--timeout={timeout}"),
     ])
 }
+
+/// A `kommit operator` process run from here against the sandbox, its HTTP server on a free
+/// local port; killed when dropped. Its stderr is kept for messages.
+pub struct OperatorProcess {
+    child: std::process::Child,
+    pub address: std::net::SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    _cache: tempfile::TempDir,
+}
+
+impl OperatorProcess {
+    /// Starts `kommit operator --listen 127.0.0.1:0 ARGS` (env: KUBECONFIG of the sandbox and a
+    /// cache folder of its own, unless `env` says otherwise) and waits until it listens.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead;
+        let cache = tempfile::tempdir().unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kommit"));
+        command
+            .args(["operator", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("KUBECONFIG", kubeconfig())
+            .env("KOMMIT_CACHE_DIR", cache.path())
+            .env("NO_COLOR", "1")
+            .env_remove("KOMMIT_WEBHOOK_SECRET")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("kommit operator starts");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (address_sender, address) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(address) = line.strip_prefix("kommit: listening on ") {
+                    let _ = address_sender.send(address.trim().to_string());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let address = match address.recv_timeout(Duration::from_secs(60)) {
+            Ok(address) => address.parse().expect("a socket address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "the operator did not start listening: {}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        OperatorProcess {
+            child,
+            address,
+            log,
+            _cache: cache,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends one HTTP/1.1 request to the operator; returns the status code and body.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.address).expect("the operator listens");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            self.address,
+            body.len()
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body).unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).unwrap();
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        self.request("GET", path, &[], b"")
+    }
+
+    /// The value of one series of /metrics, e.g. `kommit_leader` or
+    /// `kommit_reconciles_total{namespace="a",name="b",result="success"}`; 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |value| value.trim().parse().unwrap_or(0.0))
+    }
+
+    /// The sum of every series of a metric that carries all of `labels` (e.g. `name="shop"`).
+    pub fn metric_sum(&self, metric: &str, labels: &[&str]) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .filter(|line| {
+                line.starts_with(&format!("{metric}{{")) || line.starts_with(&format!("{metric} "))
+            })
+            .filter(|line| labels.iter().all(|label| line.contains(label)))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// SIGKILL: a crash, with no chance to release anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod; waits for the process to exit and returns its code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.kill();
+        None
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

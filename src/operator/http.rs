@@ -1,0 +1,194 @@
+//! The operator's HTTP server: probes, Prometheus metrics and the push webhook receiver.
+//!
+//! A webhook does not sync by itself: it stamps the matching GitSyncs with a request annotation
+//! (as `kubectl annotate` could), and the leader's controller, which watches GitSyncs, reconciles
+//! them at once. So any replica may receive webhooks, leader or not.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::json;
+
+use super::GitSync;
+use super::metrics::{self, Metrics};
+use super::webhook::{self, Event};
+
+/// Set on a GitSync to ask for a reconcile now; the value should change with every request.
+pub const REQUESTED_AT_ANNOTATION: &str = "kommit.dev/reconcile-requested-at";
+
+/// GitHub sends push payloads of up to 25 MB.
+const WEBHOOK_BODY_LIMIT: usize = 25 * 1024 * 1024;
+
+pub struct ServerState {
+    pub metrics: Arc<Metrics>,
+    /// False until the operator is up, and again once it shuts down.
+    pub ready: Arc<AtomicBool>,
+    pub webhook_secret: Option<Vec<u8>>,
+    pub client: kube::Client,
+    pub watch_namespace: Option<String>,
+}
+
+pub fn router(state: Arc<ServerState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_page))
+        .route(
+            "/webhook",
+            post(receive_webhook).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
+        )
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<ServerState>>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics_page(State(state): State<Arc<ServerState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+async fn receive_webhook(
+    State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let provider = match webhook::provider_of(&headers) {
+        Ok(provider) => provider,
+        Err(e) => {
+            state.metrics.webhook("unknown", "invalid");
+            return reply(StatusCode::BAD_REQUEST, json!({"error": e.to_string()}));
+        }
+    };
+    let name = provider.as_str();
+    if let Err(e) = webhook::verify(provider, &headers, &body, state.webhook_secret.as_deref()) {
+        tracing::warn!(provider = name, error = %e, "refused a webhook");
+        state.metrics.webhook(name, "unauthorized");
+        return reply(StatusCode::UNAUTHORIZED, json!({"error": e.to_string()}));
+    }
+    let (urls, git_ref) = match webhook::parse_event(provider, &headers, &body) {
+        Ok(Event::Push { urls, git_ref }) => (urls, git_ref),
+        Ok(Event::Ignored(kind)) => {
+            state.metrics.webhook(name, "ignored");
+            return reply(
+                StatusCode::OK,
+                json!({"ignored": format!("{kind} events ask for no sync")}),
+            );
+        }
+        Err(e) => {
+            state.metrics.webhook(name, "invalid");
+            return reply(StatusCode::BAD_REQUEST, json!({"error": e.to_string()}));
+        }
+    };
+    let _span =
+        tracing::info_span!("webhook", provider = name, repo = %urls[0], git_ref = %git_ref);
+    match request_reconciles(&state, &urls, &git_ref).await {
+        Ok(triggered) if triggered.is_empty() => {
+            state.metrics.webhook(name, "ignored");
+            reply(
+                StatusCode::OK,
+                json!({"triggered": [], "message": format!("no GitSync follows {} at {git_ref}", urls[0])}),
+            )
+        }
+        Ok(triggered) => {
+            tracing::info!(gitsyncs = ?triggered, "webhook requested reconciles");
+            state.metrics.webhook(name, "triggered");
+            reply(StatusCode::ACCEPTED, json!({"triggered": triggered}))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot request reconciles");
+            state.metrics.webhook(name, "error");
+            reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": format!("cannot reach the GitSyncs: {e}")}),
+            )
+        }
+    }
+}
+
+/// Stamps every GitSync that follows the pushed ref; returns their `namespace/name`.
+async fn request_reconciles(
+    state: &ServerState,
+    urls: &[String],
+    git_ref: &str,
+) -> Result<Vec<String>, kube::Error> {
+    let all: Api<GitSync> = match &state.watch_namespace {
+        Some(ns) => Api::namespaced(state.client.clone(), ns),
+        None => Api::all(state.client.clone()),
+    };
+    let gitsyncs = all.list(&ListParams::default()).await?;
+    let requested_at = request_stamp();
+    let mut triggered = Vec::new();
+    for gitsync in gitsyncs {
+        let spec = &gitsync.spec;
+        if !webhook::push_concerns(
+            urls,
+            git_ref,
+            &spec.repo,
+            spec.branch.as_deref(),
+            spec.rev.as_deref(),
+        ) {
+            continue;
+        }
+        let namespace = gitsync.namespace().unwrap_or_default();
+        let api: Api<GitSync> = Api::namespaced(state.client.clone(), &namespace);
+        let patch = json!({"metadata": {"annotations": {REQUESTED_AT_ANNOTATION: requested_at}}});
+        api.patch(
+            &gitsync.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        triggered.push(format!("{namespace}/{}", gitsync.name_any()));
+    }
+    Ok(triggered)
+}
+
+/// An RFC 3339 time with nanoseconds, so two pushes in one second are two requests.
+fn request_stamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seconds = crate::source::format_rfc3339(now.as_secs() as i64);
+    format!(
+        "{}.{:09}Z",
+        seconds.trim_end_matches('Z'),
+        now.subsec_nanos()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_stamps_are_rfc3339_with_nanoseconds() {
+        let stamp = request_stamp();
+        assert_eq!(
+            stamp.len(),
+            "2026-11-25T10:00:00.123456789Z".len(),
+            "{stamp}"
+        );
+        assert!(stamp.ends_with('Z') && stamp.contains('T') && stamp.contains('.'));
+    }
+}
