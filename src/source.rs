@@ -8,6 +8,13 @@ use std::sync::{Mutex, MutexGuard};
 use git2::{ErrorCode, FileMode, ObjectType, Oid, Repository, TreeWalkMode, TreeWalkResult};
 use sha2::{Digest, Sha256};
 
+mod credentials;
+
+pub use credentials::{
+    DEFAULT_TOKEN_USERNAME, GitCredentials, GivenCredentials, HostKeyCheck, KnownHosts,
+    KnownHostsError, SecretString,
+};
+
 /// Largest manifest file we read. The API server stores objects of at most ~1.5 MiB, so anything
 /// this large is a mistake (or an attack) rather than a manifest.
 pub const MAX_FILE_BYTES: usize = 8 * 1024 * 1024;
@@ -21,11 +28,13 @@ pub enum SourceError {
         "{path} is not a git repository ({message}); pass the repository's top folder or a URL"
     )]
     NotARepository { path: String, message: String },
-    #[error(
-        "cannot fetch {url}: {message}; check the URL, the network and the credentials \
-         (KOMMIT_GIT_TOKEN for https, an ssh agent or KOMMIT_GIT_SSH_KEY for ssh)"
-    )]
-    Fetch { url: String, message: String },
+    /// `hint` says which credentials were used (never the secrets themselves).
+    #[error("cannot fetch {url}: {message}; {hint}")]
+    Fetch {
+        url: String,
+        message: String,
+        hint: String,
+    },
     #[error(
         "cannot use the cache folder {path}: {message}; set KOMMIT_CACHE_DIR to a writable folder"
     )]
@@ -133,6 +142,8 @@ pub struct GitSource {
     /// Stable identity of the repository, used for the inventory of what kommit applied.
     identity: String,
     remote_url: Option<String>,
+    /// For fetching `remote_url`; held in memory only.
+    credentials: GitCredentials,
 }
 
 impl std::fmt::Debug for GitSource {
@@ -172,10 +183,21 @@ pub fn default_cache_dir() -> PathBuf {
 
 impl GitSource {
     /// Opens a local repository in place, or mirrors a remote one into `cache_dir` (fetching it
-    /// when the mirror already exists).
+    /// when the mirror already exists), with this machine's credentials
+    /// ([`GitCredentials::Ambient`]).
     pub fn open(spec: &str, cache_dir: &Path) -> Result<Self, SourceError> {
+        Self::open_with(spec, cache_dir, GitCredentials::Ambient)
+    }
+
+    /// Like [`GitSource::open`], fetching a remote with `credentials` (now and on every later
+    /// [`GitSource::fetch`]). A local repository needs none and ignores them.
+    pub fn open_with(
+        spec: &str,
+        cache_dir: &Path,
+        credentials: GitCredentials,
+    ) -> Result<Self, SourceError> {
         if is_remote(spec) {
-            Self::mirror(spec, cache_dir)
+            Self::mirror(spec, cache_dir, credentials)
         } else {
             Self::open_local(spec)
         }
@@ -198,10 +220,15 @@ impl GitSource {
             display: spec.to_string(),
             identity,
             remote_url: None,
+            credentials: GitCredentials::Ambient,
         })
     }
 
-    fn mirror(url: &str, cache_dir: &Path) -> Result<Self, SourceError> {
+    fn mirror(
+        url: &str,
+        cache_dir: &Path,
+        credentials: GitCredentials,
+    ) -> Result<Self, SourceError> {
         let digest = hex(&Sha256::digest(url.as_bytes()));
         let dir = cache_dir.join("repos").join(&digest[..24]);
         let cache_err = |e: &dyn std::fmt::Display| SourceError::Cache {
@@ -218,6 +245,7 @@ impl GitSource {
             display: url.to_string(),
             identity: url.trim_end_matches('/').to_string(),
             remote_url: Some(url.to_string()),
+            credentials,
         };
         source.fetch()?;
         Ok(source)
@@ -229,14 +257,20 @@ impl GitSource {
             return Ok(());
         };
         let _span = tracing::info_span!("fetch", repo = %url).entered();
+        let (callbacks, failure) = self.credentials.callbacks(url);
+        // What the credential callbacks found wrong is clearer than what libgit2 makes of it.
         let fetch_err = |e: git2::Error| SourceError::Fetch {
             url: url.clone(),
-            message: e.message().to_string(),
+            message: failure
+                .borrow_mut()
+                .take()
+                .unwrap_or_else(|| e.message().to_string()),
+            hint: self.credentials.hint(),
         };
         let repo = self.repo();
         let mut remote = repo.remote_anonymous(url).map_err(fetch_err)?;
         let mut options = git2::FetchOptions::new();
-        options.remote_callbacks(credential_callbacks());
+        options.remote_callbacks(callbacks);
         options.prune(git2::FetchPrune::On);
         options.download_tags(git2::AutotagOption::All);
         remote
@@ -594,38 +628,6 @@ fn resolve_link(link_path: &str, target: &str) -> Option<String> {
     } else {
         Some(parts.join("/"))
     }
-}
-
-fn credential_callbacks() -> git2::RemoteCallbacks<'static> {
-    let mut callbacks = git2::RemoteCallbacks::new();
-    let mut attempts = 0;
-    callbacks.credentials(move |url, username, allowed| {
-        // libgit2 asks again after a rejected credential; give up rather than loop.
-        attempts += 1;
-        if attempts > 3 {
-            return Err(git2::Error::from_str(
-                "authentication failed (credentials were rejected)",
-            ));
-        }
-        let user = username.unwrap_or("git");
-        if allowed.contains(git2::CredentialType::SSH_KEY) {
-            if let Some(key) = std::env::var_os("KOMMIT_GIT_SSH_KEY") {
-                return git2::Cred::ssh_key(user, None, Path::new(&key), None);
-            }
-            return git2::Cred::ssh_key_from_agent(user);
-        }
-        if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
-            if let Ok(token) = std::env::var("KOMMIT_GIT_TOKEN") {
-                let name = std::env::var("KOMMIT_GIT_USERNAME").unwrap_or_else(|_| "git".into());
-                return git2::Cred::userpass_plaintext(&name, &token);
-            }
-            if let Ok(config) = git2::Config::open_default() {
-                return git2::Cred::credential_helper(&config, url, username);
-            }
-        }
-        git2::Cred::default()
-    });
-    callbacks
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
