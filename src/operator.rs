@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::HistoryEntry;
 
 pub mod controller;
+pub mod credentials;
 pub mod http;
 pub mod leader;
 pub mod metrics;

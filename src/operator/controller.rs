@@ -190,9 +190,31 @@ async fn sync_gitsync(gitsync: &GitSync, context: &Context) -> Result<Reconciled
         });
     }
 
+    // The Secret of spec.secretRef, read on every reconcile so that a rotated token is used.
+    let creds = match super::credentials::credentials_for(
+        context.cluster.client(),
+        &namespace,
+        &name,
+        spec.secret_ref.as_ref(),
+    )
+    .await
+    {
+        Ok(creds) => creds,
+        Err(e) => {
+            let (reason, message) = ("CredentialsUnavailable", e.to_string());
+            for (kind, value) in [("Ready", "False"), ("Stalled", "True")] {
+                set_condition(&mut status, kind, value, reason, &message, generation);
+            }
+            write_status(&api, &name, &status).await?;
+            return Err(OperatorError::Source {
+                repo: spec.repo.clone(),
+                message,
+            });
+        }
+    };
     let repo = spec.repo.clone();
     let cache = context.cache_dir.clone();
-    let source = tokio::task::spawn_blocking(move || GitSource::open(&repo, &cache))
+    let source = tokio::task::spawn_blocking(move || GitSource::open_with(&repo, &cache, creds))
         .await
         .map_err(|e| OperatorError::Source {
             repo: spec.repo.clone(),
