@@ -1,0 +1,450 @@
+//! Git credentials for real: a repository served over smart HTTP by `git http-backend` behind a
+//! small server in this test that demands a token (HTTP basic authentication, as GitHub and
+//! GitLab do), fetched by `GitSource::open_with` and by the operator from a GitSync's Secret.
+//! The tokens must never show in errors, statuses or logs.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+use kommit::source::{GitCredentials, GitSource, GivenCredentials, SecretString};
+
+const TOKEN: &str = "kommit-test-token-7f3a9c1e";
+const WRONG_TOKEN: &str = "kommit-wrong-token-0b8d2e44";
+
+/// `git http-backend` (git's own smart-HTTP CGI program) behind an HTTP/1.1 server on a free
+/// local port that answers 401 unless the request carries the token as its basic-auth password.
+struct GitHttpServer {
+    root: tempfile::TempDir,
+    port: u16,
+    /// The user names that came with the right token.
+    users: Arc<Mutex<Vec<String>>>,
+}
+
+impl GitHttpServer {
+    fn start(token: &'static str) -> Self {
+        let exec_path = Command::new("git").arg("--exec-path").output().unwrap();
+        let exec_path = String::from_utf8_lossy(&exec_path.stdout)
+            .trim()
+            .to_string();
+        assert!(
+            Path::new(&exec_path).join("git-http-backend").exists(),
+            "git-http-backend is not in {exec_path}: install git's full package (Debian: git)"
+        );
+        let root = tempfile::Builder::new()
+            .prefix("kommit-git-http-")
+            .tempdir()
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let users = Arc::new(Mutex::new(Vec::new()));
+        let (project_root, seen) = (root.path().to_path_buf(), users.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (project_root, seen) = (project_root.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &project_root, token, &seen);
+                });
+            }
+        });
+        GitHttpServer { root, port, users }
+    }
+
+    /// Publishes `repo` as a bare repository; returns its URL.
+    fn publish(&self, repo: &GitRepo, name: &str) -> String {
+        let bare = self.root.path().join(name);
+        let out = Command::new("git")
+            .args(["clone", "-q", "--bare", repo.path_str()])
+            .arg(&bare)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.url(name)
+    }
+
+    /// Pushes the repository's main branch to its published copy again.
+    fn update(&self, repo: &GitRepo, name: &str) {
+        let bare = self.root.path().join(name);
+        repo.git(&["push", "-q", "-f", bare.to_str().unwrap(), "main:main"]);
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+
+    fn users(&self) -> Vec<String> {
+        self.users.lock().unwrap().clone()
+    }
+}
+
+/// One request: check the token, run the CGI program, relay its answer; one request per
+/// connection (`Connection: close`).
+fn serve(
+    stream: TcpStream,
+    project_root: &Path,
+    token: &str,
+    seen: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut parts = request_line.split_whitespace();
+    let (method, target) = (
+        parts.next().unwrap_or_default().to_string(),
+        parts.next().unwrap_or_default().to_string(),
+    );
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+        }
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let body = if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        read_chunked(&mut reader)?
+    } else {
+        let length = header("content-length").map_or(0, |v| v.parse().unwrap_or(0));
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        body
+    };
+    let mut stream = stream;
+    let user = header("authorization")
+        .and_then(|v| v.strip_prefix("Basic ").map(str::to_string))
+        .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+        .and_then(|raw| String::from_utf8(raw).ok())
+        .and_then(|pair| {
+            let (user, password) = pair.split_once(':')?;
+            (password == token).then(|| user.to_string())
+        });
+    let Some(user) = user else {
+        return stream.write_all(
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\n\
+              Content-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+    };
+    seen.lock().unwrap().push(user.clone());
+
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let mut cgi = Command::new("git");
+    cgi.arg("http-backend")
+        .env("GIT_PROJECT_ROOT", project_root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", project_root)
+        .env("GATEWAY_INTERFACE", "CGI/1.1")
+        .env("REQUEST_METHOD", &method)
+        .env("PATH_INFO", path)
+        .env("QUERY_STRING", query)
+        .env("CONTENT_TYPE", header("content-type").unwrap_or_default())
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("REMOTE_USER", &user)
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(protocol) = header("git-protocol") {
+        cgi.env("HTTP_GIT_PROTOCOL", protocol);
+    }
+    if let Some(encoding) = header("content-encoding") {
+        cgi.env("HTTP_CONTENT_ENCODING", encoding);
+    }
+    let mut child = cgi.spawn()?;
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&body));
+    let output = child.wait_with_output()?;
+    let _ = writer.join();
+
+    // CGI answers with headers (maybe a Status line), a blank line, then the body.
+    let out = output.stdout;
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, i + 4))
+        .or_else(|| {
+            out.windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|i| (i, i + 2))
+        })
+        .unwrap_or((out.len(), out.len()));
+    let (cgi_headers, cgi_body) = (&out[..split.0], &out[split.1..]);
+    let mut status = "200 OK".to_string();
+    let mut response_headers = String::new();
+    for line in String::from_utf8_lossy(cgi_headers).lines() {
+        match line.split_once(':') {
+            Some((name, value)) if name.eq_ignore_ascii_case("status") => {
+                status = value.trim().to_string();
+            }
+            Some(_) => {
+                response_headers.push_str(line.trim_end());
+                response_headers.push_str("\r\n");
+            }
+            None => {}
+        }
+    }
+    stream.write_all(
+        format!(
+            "HTTP/1.1 {status}\r\n{response_headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            cgi_body.len()
+        )
+        .as_bytes(),
+    )?;
+    stream.write_all(cgi_body)
+}
+
+fn read_chunked(reader: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size)?;
+        let size =
+            usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16).unwrap_or(0);
+        if size == 0 {
+            let mut trailer = String::new();
+            while reader.read_line(&mut trailer)? > 0 && trailer != "\r\n" {
+                trailer.clear();
+            }
+            return Ok(body);
+        }
+        let mut chunk = vec![0; size + 2];
+        reader.read_exact(&mut chunk)?;
+        body.extend_from_slice(&chunk[..size]);
+    }
+}
+
+fn web(image: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      containers:\n      - name: web\n        image: {image}\n"
+    )
+}
+
+fn token_credentials(username: Option<&str>, token: &str) -> GitCredentials {
+    GivenCredentials::new("Secret team/git-creds")
+        .with_token(username, SecretString::new(token))
+        .into()
+}
+
+#[test]
+fn a_token_fetches_over_https_and_a_wrong_one_fails_without_showing_it() {
+    let server = GitHttpServer::start(TOKEN);
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &web("nginx:1.25"));
+    let first = repo.commit("Web on nginx 1.25");
+    let url = server.publish(&repo, "shop.git");
+    let cache = tempfile::tempdir().unwrap();
+
+    let source = GitSource::open_with(
+        &url,
+        cache.path(),
+        token_credentials(Some("x-access-token"), TOKEN),
+    )
+    .expect("the right token clones the repository");
+    let head = source.resolve(None).unwrap();
+    assert_eq!(head.sha, first);
+    assert_eq!(head.subject, "Web on nginx 1.25");
+    let files = source.read_manifests(&head, "deploy").unwrap();
+    assert_eq!(files[0].path, "deploy/web.yaml");
+    assert!(server.users().iter().all(|u| u == "x-access-token"));
+    assert!(!server.users().is_empty());
+
+    // A later fetch of the same source authenticates again with the credentials it was given.
+    repo.write("deploy/web.yaml", &web("nginx:1.26"));
+    let second = repo.commit("Web on nginx 1.26");
+    server.update(&repo, "shop.git");
+    source.fetch().expect("fetching again uses the same token");
+    assert_eq!(source.resolve(None).unwrap().sha, second);
+
+    // Without a username, `git` is sent; the server only checks the token.
+    let other_cache = tempfile::tempdir().unwrap();
+    GitSource::open_with(&url, other_cache.path(), token_credentials(None, TOKEN)).unwrap();
+    assert!(server.users().contains(&"git".to_string()));
+
+    // A wrong token: a clear error, and not a trace of the token in it.
+    let wrong_cache = tempfile::tempdir().unwrap();
+    let err = GitSource::open_with(
+        &url,
+        wrong_cache.path(),
+        token_credentials(Some("x-access-token"), WRONG_TOKEN),
+    )
+    .unwrap_err();
+    let (shown, debug) = (err.to_string(), format!("{err:?}"));
+    for secret in [TOKEN, WRONG_TOKEN] {
+        assert!(
+            !shown.contains(secret) && !debug.contains(secret),
+            "a token leaked into the error"
+        );
+    }
+    assert!(
+        shown.starts_with(&format!("cannot fetch {url}: authentication failed: the server rejected the token of Secret team/git-creds (user x-access-token)")),
+        "{shown}"
+    );
+}
+
+fn install_crd() {
+    let crd = Command::new(env!("CARGO_BIN_EXE_kommit"))
+        .arg("crd")
+        .output()
+        .expect("kommit crd runs");
+    let dir = tempfile::tempdir().unwrap();
+    let file: PathBuf = dir.path().join("crd.yaml");
+    std::fs::write(&file, &crd.stdout).unwrap();
+    kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+    kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/gitsyncs.kommit.dev",
+        "--timeout=60s",
+    ]);
+}
+
+fn gitsync(name: &str, url: &str, secret: &str) -> String {
+    format!(
+        "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {name}}}\nspec:\n  repo: {url}\n  path: deploy\n  interval: 2s\n  secretRef: {{name: {secret}}}\n"
+    )
+}
+
+/// A Secret given as a manifest, so that the token is on no command line or test output.
+fn token_secret(name: &str, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}}}\ntype: Opaque\nstringData:\n  username: x-access-token\n  token: {token}\n"
+    )
+}
+
+#[test]
+fn the_operator_fetches_with_the_secret_of_a_gitsync() {
+    install_crd();
+    let ns = TestNamespace::new("credentials");
+    let server = GitHttpServer::start(TOKEN);
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &web("nginx:1.25"));
+    let commit = repo.commit("Web on nginx 1.25");
+    let url = server.publish(&repo, "shop.git");
+    let operator = OperatorProcess::start(
+        &["--watch-namespace", &ns.name, "--no-leader-election"],
+        &[("KOMMIT_LOG", "kommit=debug,info")],
+    );
+    let condition = |gitsync: &str, kind: &str, field: &str| {
+        jsonpath(
+            &ns.name,
+            &format!("gitsync/{gitsync}"),
+            &format!("{{.status.conditions[?(@.type=='{kind}')].{field}}}"),
+        )
+    };
+
+    // The Secret does not exist yet: the GitSync says so, and how to create it.
+    kubectl_apply(&ns.name, &gitsync("shop", &url, "git-creds"), &[]);
+    wait_until(
+        Duration::from_secs(60),
+        "the GitSync reports its missing Secret",
+        || condition("shop", "Ready", "reason") == "CredentialsUnavailable",
+    );
+    assert_eq!(condition("shop", "Ready", "status"), "False");
+    assert_eq!(condition("shop", "Stalled", "status"), "True");
+    let message = condition("shop", "Ready", "message");
+    assert!(
+        message.starts_with(&format!(
+            "GitSync {ns}/shop: Secret git-creds not found in namespace {ns}: create it with \
+             `kubectl create secret generic git-creds -n {ns} --from-literal=token=TOKEN`",
+            ns = ns.name
+        )),
+        "{message}"
+    );
+
+    // With the Secret, the next attempt fetches with its token and applies the commit.
+    kubectl_apply(&ns.name, &token_secret("git-creds", TOKEN), &[]);
+    wait_until(
+        Duration::from_secs(90),
+        "the commit is applied with the Secret's token",
+        || jsonpath(&ns.name, "gitsync/shop", "{.status.lastAppliedCommit}") == commit,
+    );
+    assert_eq!(
+        jsonpath(
+            &ns.name,
+            "deployment/web",
+            "{.spec.template.spec.containers[0].image}"
+        ),
+        "nginx:1.25"
+    );
+    wait_until(Duration::from_secs(60), "the GitSync is Ready", || {
+        condition("shop", "Ready", "status") == "True"
+    });
+    assert_eq!(condition("shop", "Stalled", "status"), "False");
+    assert!(server.users().iter().any(|u| u == "x-access-token"));
+
+    // A Secret with a wrong token: the fetch fails, and the status says the token was rejected.
+    kubectl_apply(&ns.name, &token_secret("stale-creds", WRONG_TOKEN), &[]);
+    kubectl_apply(&ns.name, &gitsync("stale", &url, "stale-creds"), &[]);
+    wait_until(
+        Duration::from_secs(60),
+        "the GitSync with a wrong token reports it",
+        || condition("stale", "Ready", "reason") == "SourceUnavailable",
+    );
+    let message = condition("stale", "Ready", "message");
+    assert!(
+        message.contains(&format!(
+            "authentication failed: the server rejected the token of Secret {}/stale-creds \
+             (user x-access-token)",
+            ns.name
+        )),
+        "{message}"
+    );
+
+    // A Secret without credentials names its keys, not its values.
+    kubectl_apply(
+        &ns.name,
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: empty-creds}\nstringData: {tokn: x}\n",
+        &[],
+    );
+    kubectl_apply(&ns.name, &gitsync("typo", &url, "empty-creds"), &[]);
+    wait_until(
+        Duration::from_secs(60),
+        "the GitSync with a useless Secret reports it",
+        || condition("typo", "Ready", "reason") == "CredentialsUnavailable",
+    );
+    assert!(
+        condition("typo", "Ready", "message").ends_with("and it has only tokn"),
+        "{}",
+        condition("typo", "Ready", "message")
+    );
+
+    // No token anywhere: not in the statuses, not in the operator's debug log.
+    let statuses = kubectl_ok(&["get", "gitsyncs", "-n", &ns.name, "-o", "yaml"]);
+    let log = operator.log();
+    for secret in [TOKEN, WRONG_TOKEN] {
+        assert!(!statuses.contains(secret), "a token leaked into a status");
+        assert!(
+            !log.contains(secret),
+            "a token leaked into the operator's log"
+        );
+    }
+    assert!(
+        log.contains("rejected the token"),
+        "the operator logs the failure (without the token)"
+    );
+}
