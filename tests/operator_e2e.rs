@@ -112,3 +112,315 @@ fn a_gitsync_follows_its_repository_rolls_back_a_bad_commit_and_can_be_suspended
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(image(), "nginx:1.26", "a suspended GitSync changes nothing");
 }
+
+fn gitsync(name: &str, repo: &GitRepo, extra: &str) -> String {
+    format!(
+        "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {name}}}\nspec:\n  repo: file://{}\n  path: deploy\n{extra}",
+        repo.path_str()
+    )
+}
+
+#[test]
+fn deleting_a_file_prunes_its_object_and_a_drifted_field_is_healed() {
+    install_crd();
+    let ns = TestNamespace::new("operator-heal");
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &web("nginx:1.25"));
+    repo.write(
+        "deploy/settings.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  mode: from-git\n",
+    );
+    let v1 = repo.commit("Web and its settings");
+    let _operator = OperatorProcess::start(&["--watch-namespace", &ns.name], &[]);
+    kubectl_apply(
+        &ns.name,
+        &gitsync(
+            "shop",
+            &repo,
+            "  interval: 2s\n  prune: true\n  selfHeal: true\n",
+        ),
+        &[],
+    );
+    let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
+    let mode = || {
+        let out = kubectl(&[
+            "get",
+            "-n",
+            &ns.name,
+            "configmap/settings",
+            "-o",
+            "jsonpath={.data.mode}",
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until(Duration::from_secs(90), "the commit is applied", || {
+        status("{.status.lastAppliedCommit}") == v1 && status("{.status.health}") == "Healthy"
+    });
+    assert_eq!(mode(), "from-git");
+
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "settings",
+        "-n",
+        &ns.name,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"mode":"edited-by-hand"}}"#,
+    ]);
+    kubectl_ok(&["scale", "deployment", "web", "-n", &ns.name, "--replicas=4"]);
+    wait_until(Duration::from_secs(60), "the hand edits are healed", || {
+        mode() == "from-git" && jsonpath(&ns.name, "deployment/web", "{.spec.replicas}") == "2"
+    });
+
+    repo.remove("deploy/settings.yaml");
+    let v2 = repo.commit("Settings are no longer needed");
+    wait_until(
+        Duration::from_secs(60),
+        "the removed file's ConfigMap is pruned",
+        || {
+            status("{.status.lastAppliedCommit}") == v2
+                && !kubectl(&["get", "-n", &ns.name, "configmap/settings"])
+                    .status
+                    .success()
+        },
+    );
+    assert!(
+        !status("{.status.inventory[*].name}").contains("settings"),
+        "the inventory no longer lists the pruned ConfigMap"
+    );
+    assert_eq!(
+        jsonpath(&ns.name, "deployment/web", "{.spec.replicas}"),
+        "2"
+    );
+}
+
+fn push_payload(repo: &GitRepo) -> Vec<u8> {
+    serde_json::json!({
+        "ref": "refs/heads/main",
+        "after": repo.head(),
+        "repository": {
+            "full_name": "acme/shop",
+            "clone_url": format!("file://{}", repo.path_str()),
+        },
+        "pusher": {"name": "ada"},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[test]
+fn a_signed_push_webhook_syncs_before_the_interval_and_a_forged_one_changes_nothing() {
+    install_crd();
+    let ns = TestNamespace::new("operator-webhook");
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &web("nginx:1.25"));
+    let v1 = repo.commit("Web on nginx 1.25");
+    let secret = "webhook-secret-for-the-test";
+    let operator = OperatorProcess::start(
+        &["--watch-namespace", &ns.name, "--no-leader-election"],
+        &[("KOMMIT_WEBHOOK_SECRET", secret)],
+    );
+    assert_eq!(operator.get("/healthz").0, 200);
+    assert_eq!(operator.get("/readyz").0, 200);
+    // An hour between fetches: only a webhook can bring the next commit in time.
+    kubectl_apply(
+        &ns.name,
+        &gitsync("shop", &repo, "  branch: main\n  interval: 1h\n"),
+        &[],
+    );
+    let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
+    let image = || {
+        jsonpath(
+            &ns.name,
+            "deployment/web",
+            "{.spec.template.spec.containers[0].image}",
+        )
+    };
+    wait_until(
+        Duration::from_secs(90),
+        "the first commit is healthy",
+        || status("{.status.lastAppliedCommit}") == v1 && status("{.status.health}") == "Healthy",
+    );
+    // Let the reconciles that the status updates themselves cause settle.
+    std::thread::sleep(Duration::from_secs(3));
+
+    repo.write("deploy/web.yaml", &web("nginx:1.26"));
+    let v2 = repo.commit("Web on nginx 1.26");
+    let body = push_payload(&repo);
+    let forged = kommit::operator::webhook::github_signature(b"a guessed secret", &body);
+    let (code, reply) = operator.request(
+        "POST",
+        "/webhook",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &forged),
+            ("Content-Type", "application/json"),
+        ],
+        &body,
+    );
+    assert_eq!(code, 401, "{reply}");
+    assert!(!reply.contains(secret), "the reply never shows the secret");
+    let (code, _) = operator.request("POST", "/webhook", &[("X-GitHub-Event", "push")], &body);
+    assert_eq!(code, 401, "an unsigned push is refused too");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(status("{.status.lastAppliedCommit}"), v1);
+    assert_eq!(image(), "nginx:1.25", "a forged webhook changes nothing");
+    assert_eq!(
+        status("{.metadata.annotations.kommit\\.dev/reconcile-requested-at}"),
+        "",
+        "a forged webhook does not even touch the GitSync"
+    );
+
+    let signature = kommit::operator::webhook::github_signature(secret.as_bytes(), &body);
+    let (code, reply) = operator.request(
+        "POST",
+        "/webhook",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &signature),
+            ("Content-Type", "application/json"),
+        ],
+        &body,
+    );
+    assert_eq!(code, 202, "{reply}");
+    assert!(reply.contains(&format!("{}/shop", ns.name)), "{reply}");
+    wait_until(
+        Duration::from_secs(90),
+        "the pushed commit rolls out, long before the interval",
+        || status("{.status.lastAppliedCommit}") == v2 && image() == "nginx:1.26",
+    );
+    let requested = status("{.metadata.annotations.kommit\\.dev/reconcile-requested-at}");
+    assert!(!requested.is_empty());
+    assert_eq!(status("{.status.lastHandledReconcileAt}"), requested);
+
+    let (code, reply) = operator.request(
+        "POST",
+        "/webhook",
+        &[
+            ("X-GitHub-Event", "ping"),
+            (
+                "X-Hub-Signature-256",
+                &kommit::operator::webhook::github_signature(secret.as_bytes(), b"{}"),
+            ),
+        ],
+        b"{}",
+    );
+    assert_eq!(code, 200, "{reply}");
+    assert_eq!(
+        operator.metric(r#"kommit_webhooks_total{provider="github",result="unauthorized"}"#),
+        2.0
+    );
+    assert_eq!(
+        operator.metric(r#"kommit_webhooks_total{provider="github",result="triggered"}"#),
+        1.0
+    );
+    assert!(operator.metric_sum("kommit_reconciles_total", &[r#"name="shop""#, "success"]) >= 2.0);
+    assert!(
+        operator.metric_sum(
+            "kommit_reconcile_duration_seconds_count",
+            &[r#"name="shop""#]
+        ) >= 2.0
+    );
+    let (_, metrics) = operator.get("/metrics");
+    assert!(
+        metrics.contains("kommit_last_synced_commit_age_seconds{"),
+        "{metrics}"
+    );
+}
+
+fn lease_holder(namespace: &str) -> String {
+    let out = kubectl(&[
+        "get",
+        "lease",
+        "kommit-operator",
+        "-n",
+        namespace,
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn of_two_operators_only_the_leader_reconciles_and_the_other_takes_over() {
+    install_crd();
+    let ns = TestNamespace::new("operator-leader");
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &web("nginx:1.25"));
+    let v1 = repo.commit("Web on nginx 1.25");
+    // The lease lives in the watched namespace; a short one makes the takeover after a crash quick.
+    let args = [
+        "--watch-namespace",
+        ns.name.as_str(),
+        "--lease-duration",
+        "6s",
+    ];
+    let mut first = OperatorProcess::start(&args, &[]);
+    wait_until(Duration::from_secs(30), "the first operator leads", || {
+        first.metric("kommit_leader") == 1.0
+    });
+    let second = OperatorProcess::start(&args, &[]);
+    kubectl_apply(&ns.name, &gitsync("shop", &repo, "  interval: 2s\n"), &[]);
+    let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
+    wait_until(Duration::from_secs(90), "the commit is applied", || {
+        status("{.status.lastAppliedCommit}") == v1
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(first.metric_sum("kommit_reconciles_total", &[r#"name="shop""#]) >= 2.0);
+    assert_eq!(second.metric("kommit_leader"), 0.0);
+    assert_eq!(
+        second.metric_sum("kommit_reconciles_total", &[]),
+        0.0,
+        "the standby reconciles nothing"
+    );
+    let first_holder = lease_holder(&ns.name);
+    assert!(!first_holder.is_empty());
+
+    first.kill();
+    repo.write("deploy/web.yaml", &web("nginx:1.26"));
+    let v2 = repo.commit("Web on nginx 1.26");
+    wait_until(
+        Duration::from_secs(90),
+        "the standby takes over and applies the next commit",
+        || status("{.status.lastAppliedCommit}") == v2,
+    );
+    assert_eq!(second.metric("kommit_leader"), 1.0);
+    assert_ne!(lease_holder(&ns.name), first_holder);
+    assert_eq!(
+        jsonpath(
+            &ns.name,
+            "deployment/web",
+            "{.spec.template.spec.containers[0].image}"
+        ),
+        "nginx:1.26"
+    );
+}
+
+#[test]
+fn a_stopping_leader_releases_its_lease_so_a_standby_takes_over_at_once() {
+    install_crd();
+    let ns = TestNamespace::new("operator-release");
+    // A lease of five minutes: a takeover within a minute proves it was released, not expired.
+    let args = [
+        "--watch-namespace",
+        ns.name.as_str(),
+        "--lease-duration",
+        "300s",
+    ];
+    let mut leader = OperatorProcess::start(&args, &[]);
+    wait_until(Duration::from_secs(30), "the first operator leads", || {
+        leader.metric("kommit_leader") == 1.0
+    });
+    let standby = OperatorProcess::start(&args, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(standby.metric("kommit_leader"), 0.0);
+    assert_eq!(standby.get("/readyz").0, 200, "a standby serves webhooks");
+    let code = leader.terminate();
+    assert_eq!(code, Some(0), "SIGTERM is a clean stop: {}", leader.log());
+    wait_until(
+        Duration::from_secs(60),
+        "the standby leads well before the old lease would expire",
+        || standby.metric("kommit_leader") == 1.0,
+    );
+}

@@ -1,10 +1,17 @@
 //! Leader election on a coordination Lease, so that several operator replicas are safe: only the
-//! holder reconciles; the others wait and take over when its lease expires or is released.
+//! holder reconciles; the others check the lease every few seconds and take it over when it is
+//! released or goes unrenewed for its duration.
+//!
+//! The rules are client-go's: expiry is judged by when this replica last saw the lease change
+//! (not by the holder's clock), writes are guarded by the resourceVersion, and a leader that
+//! could not renew for two thirds of the duration stops before anyone may take over.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use kube_lease_manager::{LeaseCreateMode, LeaseManager, LeaseParams};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -16,6 +23,18 @@ pub struct LeaseSettings {
     pub identity: String,
     /// How long a lease lasts without renewal: the longest a dead leader blocks a takeover.
     pub duration: Duration,
+}
+
+impl LeaseSettings {
+    /// How often a standby looks at the lease and a leader renews it.
+    fn retry_period(&self) -> Duration {
+        (self.duration / 4).min(Duration::from_secs(2))
+    }
+
+    /// A leader that could not renew for this long stops, before the lease can expire.
+    fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,11 +55,11 @@ pub struct LeaderError {
     message: String,
 }
 
+/// This replica's part in the election, running in the background.
 pub struct Campaign {
-    manager: Arc<LeaseManager>,
+    elector: Elector,
     state: watch::Receiver<Leadership>,
     task: JoinHandle<()>,
-    settings: LeaseSettings,
 }
 
 /// A replica's identity: its pod name (or host name) and a suffix that tells restarts apart.
@@ -62,38 +81,30 @@ pub fn default_identity() -> String {
 }
 
 impl Campaign {
-    /// Starts competing for the lease (creating it if needed) in the background.
+    /// Makes a first attempt at the lease (so that missing permissions are an error at once),
+    /// then keeps competing for it in the background.
     pub async fn start(client: kube::Client, settings: LeaseSettings) -> Result<Self, LeaderError> {
-        let duration = settings.duration.as_secs().max(2);
-        // Renew with a third of the lease left, like client-go's renew deadline.
-        let grace = (duration / 3).max(1);
-        let params = LeaseParams::new(settings.identity.clone(), duration, grace);
-        let manager = LeaseManager::new(
-            client,
-            settings.name.clone(),
-            settings.namespace.clone(),
-            params,
-            LeaseCreateMode::AutoCreate,
-        )
-        .await
-        .map_err(|e| LeaderError {
-            namespace: settings.namespace.clone(),
-            name: settings.name.clone(),
-            message: e.to_string(),
-        })?;
-        let manager = Arc::new(manager);
-        let (sender, state) = watch::channel(Leadership::Standby);
-        let task = tokio::spawn(keep_campaigning(manager.clone(), sender));
+        let mut elector = Elector {
+            api: Api::namespaced(client, &settings.namespace),
+            settings,
+            observed: None,
+        };
+        let first = elector
+            .try_acquire_or_renew()
+            .await
+            .map_err(|e| elector.error(e))?;
+        let initial = if first {
+            Leadership::Leader
+        } else {
+            Leadership::Standby
+        };
+        let (sender, state) = watch::channel(initial);
+        let task = tokio::spawn(keep_campaigning(elector.clone(), sender));
         Ok(Campaign {
-            manager,
+            elector,
             state,
             task,
-            settings,
         })
-    }
-
-    pub fn settings(&self) -> &LeaseSettings {
-        &self.settings
     }
 
     /// A receiver of leadership changes.
@@ -101,45 +112,191 @@ impl Campaign {
         self.state.clone()
     }
 
-    /// Stops renewing and frees the lease so that another replica takes over at once.
+    /// Stops renewing and frees the lease so that a standby takes over at its next look.
     pub async fn release(self) {
         self.task.abort();
         let _ = self.task.await;
-        if let Err(e) = self.manager.release().await {
-            tracing::warn!(error = %e, lease = %self.settings.name, "could not release the lease; it expires by itself");
+        if let Err(e) = self.elector.release().await {
+            tracing::warn!(error = %e, lease = %self.elector.settings.name, "could not release the lease; it expires by itself");
         }
     }
 }
 
-async fn keep_campaigning(manager: Arc<LeaseManager>, sender: watch::Sender<Leadership>) {
+async fn keep_campaigning(mut elector: Elector, sender: watch::Sender<Leadership>) {
+    let retry = elector.settings.retry_period();
+    let deadline = elector.settings.renew_deadline();
+    let mut last_renewal = (*sender.borrow() == Leadership::Leader).then(Instant::now);
     loop {
-        match manager.changed().await {
+        tokio::time::sleep(retry).await;
+        let leading = *sender.borrow() == Leadership::Leader;
+        match elector.try_acquire_or_renew().await {
             Ok(true) => {
-                tracing::info!("became the leader");
-                sender.send_replace(Leadership::Leader);
-            }
-            Ok(false) => {
-                let was_leader = *sender.borrow() == Leadership::Leader;
-                sender.send_replace(if was_leader {
-                    Leadership::Lost
-                } else {
-                    Leadership::Standby
-                });
-                if was_leader {
-                    return;
+                if !leading {
+                    tracing::info!(identity = %elector.settings.identity, "became the leader");
+                    sender.send_replace(Leadership::Leader);
                 }
+                last_renewal = Some(Instant::now());
             }
+            Ok(false) if leading => {
+                tracing::error!("another replica holds the leader lease now");
+                sender.send_replace(Leadership::Lost);
+                return;
+            }
+            Ok(false) => {}
             Err(e) => {
-                // A leader that cannot renew may already have been replaced: it stops, as
-                // client-go's leader election does, rather than risk two writers.
-                if *sender.borrow() == Leadership::Leader {
+                // A leader that cannot renew may be replaced once the lease expires: it stops
+                // before that, rather than risk two writers.
+                if leading && last_renewal.is_none_or(|at| at.elapsed() >= deadline) {
                     tracing::error!(error = %e, "cannot renew the leader lease");
                     sender.send_replace(Leadership::Lost);
                     return;
                 }
                 tracing::warn!(error = %e, "cannot reach the leader lease; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
+    }
+}
+
+/// The lease as this replica last saw it, and when it first saw it so.
+#[derive(Clone, PartialEq)]
+struct Observed {
+    holder: Option<String>,
+    renew_time: Option<MicroTime>,
+    duration: Duration,
+    since: Instant,
+}
+
+#[derive(Clone)]
+struct Elector {
+    api: Api<Lease>,
+    settings: LeaseSettings,
+    observed: Option<Observed>,
+}
+
+impl Elector {
+    fn error(&self, error: kube::Error) -> LeaderError {
+        LeaderError {
+            namespace: self.settings.namespace.clone(),
+            name: self.settings.name.clone(),
+            message: error.to_string(),
+        }
+    }
+
+    fn now() -> MicroTime {
+        MicroTime(Timestamp::now())
+    }
+
+    fn our_spec(&self, previous: Option<&LeaseSpec>) -> LeaseSpec {
+        let ours = previous
+            .and_then(|s| s.holder_identity.as_deref())
+            .is_some_and(|h| h == self.settings.identity);
+        let transitions = previous.and_then(|s| s.lease_transitions).unwrap_or(0);
+        LeaseSpec {
+            holder_identity: Some(self.settings.identity.clone()),
+            lease_duration_seconds: Some(self.settings.duration.as_secs().max(1) as i32),
+            acquire_time: if ours {
+                previous.and_then(|s| s.acquire_time.clone())
+            } else {
+                Some(Self::now())
+            },
+            renew_time: Some(Self::now()),
+            lease_transitions: Some(if ours || previous.is_none() {
+                transitions
+            } else {
+                transitions + 1
+            }),
+            ..LeaseSpec::default()
+        }
+    }
+
+    /// One look at the lease: takes it when free or expired, renews it when ours. Returns
+    /// whether this replica holds it afterwards.
+    async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
+        let name = &self.settings.name;
+        let Some(mut lease) = self.api.get_opt(name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(self.our_spec(None)),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        let seen = Observed {
+            holder: holder.clone(),
+            renew_time: spec.renew_time.clone(),
+            duration: Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64),
+            since: Instant::now(),
+        };
+        let changed = self.observed.as_ref().is_none_or(|o| {
+            (&o.holder, &o.renew_time, o.duration) != (&seen.holder, &seen.renew_time, seen.duration)
+        });
+        if changed {
+            self.observed = Some(seen);
+        }
+        let observed = self.observed.as_ref().expect("set above");
+        let ours = holder.as_deref() == Some(self.settings.identity.as_str());
+        let expired = observed.since.elapsed() > observed.duration;
+        if holder.is_some() && !ours && !expired {
+            return Ok(false);
+        }
+        lease.spec = Some(self.our_spec(Some(&spec)));
+        // The resourceVersion we read guards the write: of two replicas, one wins.
+        match self.api.replace(name, &PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Frees the lease if this replica holds it.
+    async fn release(&self) -> Result<(), kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.settings.name).await? else {
+            return Ok(());
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return Ok(());
+        };
+        if spec.holder_identity.as_deref() != Some(self.settings.identity.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(Self::now());
+        self.api
+            .replace(&self.settings.name, &PostParams::default(), &lease)
+            .await
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leader_gives_up_before_its_lease_can_expire_and_standbys_look_often() {
+        let settings = LeaseSettings {
+            namespace: "kommit".into(),
+            name: "kommit-operator".into(),
+            identity: "a".into(),
+            duration: Duration::from_secs(15),
+        };
+        assert!(settings.renew_deadline() < settings.duration);
+        assert!(settings.retry_period() < settings.renew_deadline());
+        assert_eq!(settings.retry_period(), Duration::from_secs(2));
+        let short = LeaseSettings {
+            duration: Duration::from_secs(4),
+            ..settings
+        };
+        assert_eq!(short.retry_period(), Duration::from_secs(1));
+        assert!(short.retry_period() < short.renew_deadline());
     }
 }
