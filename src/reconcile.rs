@@ -2,7 +2,7 @@
 //! manifests, plan against the live cluster, then apply and prune, all or nothing up to the first
 //! write.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt, stream};
@@ -1221,7 +1221,11 @@ async fn plan_against(
     let desired_keys: HashSet<&ObjectKey> = desired.iter().map(|d| &d.key).collect();
     // Listing every kind is only worth it when something may be pruned.
     let live = if policy.prune {
-        list_inventory(cluster, &inventory).await?
+        let namespaces: BTreeSet<&str> = desired
+            .iter()
+            .filter_map(|d| d.key.namespace.as_deref())
+            .collect();
+        list_inventory(cluster, &inventory, &namespaces).await?
     } else {
         Vec::new()
     };
@@ -1511,10 +1515,13 @@ fn short_reason(message: &str) -> String {
     }
 }
 
-/// Every live object carrying this inventory, across all kinds that can be listed.
+/// Every live object carrying this inventory, across all kinds that can be listed. A namespaced
+/// kind that may not be listed cluster-wide (kommit bound by Roles rather than a ClusterRole) is
+/// listed in each of `namespaces`, those the source's objects live in.
 async fn list_inventory(
     cluster: &Cluster,
     inventory: &str,
+    namespaces: &BTreeSet<&str>,
 ) -> Result<Vec<(ResourceType, Value)>, ReconcileError> {
     let selector = format!("{INVENTORY_LABEL}={inventory}");
     let types = cluster.prunable_types();
@@ -1522,21 +1529,38 @@ async fn list_inventory(
         .map(|rt| {
             let selector = selector.clone();
             async move {
-                match cluster.list(&rt, None, Some(&selector)).await {
-                    Ok(items) => Ok(items.into_iter().map(|v| (rt.clone(), v)).collect()),
-                    // Kinds we may not list (RBAC) or that vanished cannot hold our objects
-                    // in a way we could prune anyway.
-                    Err(
+                let cannot_list = |e: &ClusterError| {
+                    matches!(
+                        e,
                         ClusterError::Forbidden { .. }
-                        | ClusterError::Api {
-                            code: 404 | 405, ..
-                        },
-                    ) => {
-                        tracing::debug!(kind = %rt.kind(), "skipping a kind that cannot be listed");
-                        Ok(Vec::new())
+                            | ClusterError::Api {
+                                code: 404 | 405,
+                                ..
+                            }
+                    )
+                };
+                let items = match cluster.list(&rt, None, Some(&selector)).await {
+                    Ok(items) => items,
+                    Err(ClusterError::Forbidden { .. }) if rt.namespaced => {
+                        let mut items = Vec::new();
+                        for ns in namespaces {
+                            match cluster.list(&rt, Some(ns), Some(&selector)).await {
+                                Ok(found) => items.extend(found),
+                                Err(e) if cannot_list(&e) => {}
+                                Err(e) => return Err(ReconcileError::from(e)),
+                            }
+                        }
+                        items
                     }
-                    Err(e) => Err(ReconcileError::from(e)),
-                }
+                    // Kinds we may not list at all (RBAC) or that vanished cannot hold objects
+                    // we could prune anyway.
+                    Err(e) if cannot_list(&e) => {
+                        tracing::debug!(kind = %rt.kind(), "skipping a kind that cannot be listed");
+                        Vec::new()
+                    }
+                    Err(e) => return Err(ReconcileError::from(e)),
+                };
+                Ok(items.into_iter().map(|v| (rt.clone(), v)).collect())
             }
         })
         .buffer_unordered(CONCURRENCY)
