@@ -158,6 +158,13 @@ pub enum Command {
     /// Print the GitSync CustomResourceDefinition (generated from kommit's types)
     Crd,
     /// Run the GitSync controller (in the cluster, or from here against any cluster)
+    #[command(
+        after_help = "Webhooks: point a GitHub, Gitea or GitLab push webhook at http://ADDR/webhook \
+(content type application/json) with a secret, and give the operator the same secret in the \
+environment variable KOMMIT_WEBHOOK_SECRET (never on the command line). A valid push asks the \
+GitSyncs that follow the pushed branch to sync at once; `kubectl annotate gitsync NAME \
+kommit.dev/reconcile-requested-at=\"$(date +%s)\" --overwrite` does the same by hand."
+    )]
     Operator {
         /// Only reconcile GitSyncs of this namespace (default: all namespaces)
         #[arg(long, value_name = "NS")]
@@ -177,15 +184,6 @@ pub enum Command {
         /// How long a leader's lease lasts unrenewed: the longest a dead leader delays a takeover
         #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
         lease_duration: std::time::Duration,
-        /// Shared secret of the GitHub/Gitea webhook signatures and GitLab's token
-        #[arg(
-            long,
-            value_name = "SECRET",
-            env = "KOMMIT_WEBHOOK_SECRET",
-            hide_env_values = true,
-            hide = true
-        )]
-        webhook_secret: Option<String>,
     },
     /// Which commit is live and whether the cluster is in sync with it
     Status {
@@ -552,8 +550,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             leader_election_namespace,
             lease_name,
             lease_duration,
-            webhook_secret,
         } => {
+            // From the environment only: a secret on the command line shows in `ps`.
+            let webhook_secret = std::env::var("KOMMIT_WEBHOOK_SECRET")
+                .ok()
+                .filter(|s| !s.is_empty());
             let cluster = Cluster::connect(&connect).await?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await

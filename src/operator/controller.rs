@@ -112,7 +112,8 @@ async fn reconcile_one(
         name: gitsync.name_any(),
     };
     let started = std::time::Instant::now();
-    let result = sync_gitsync(&gitsync, &context).await;
+    let span = tracing::info_span!("gitsync", namespace = %labels.namespace, name = %labels.name, repo = %gitsync.spec.repo);
+    let result = tracing::Instrument::instrument(sync_gitsync(&gitsync, &context), span).await;
     let failure = match &result {
         Ok(outcome) => outcome.failure,
         Err(e) => Some(e.reason()),
@@ -162,10 +163,6 @@ async fn sync_gitsync(gitsync: &GitSync, context: &Context) -> Result<Reconciled
     let namespace = gitsync.namespace().unwrap_or_else(|| "default".to_string());
     let interval = interval_of(gitsync);
     let spec = &gitsync.spec;
-    let _span =
-        tracing::info_span!("gitsync", namespace = %namespace, name = %name, repo = %spec.repo)
-            .entered();
-    drop(_span);
     let api: Api<GitSync> = Api::namespaced(context.cluster.client().clone(), &namespace);
     let mut status = gitsync.status.clone().unwrap_or_default();
     let generation = gitsync.meta().generation;
