@@ -236,7 +236,8 @@ impl Elector {
             since: Instant::now(),
         };
         let changed = self.observed.as_ref().is_none_or(|o| {
-            (&o.holder, &o.renew_time, o.duration) != (&seen.holder, &seen.renew_time, seen.duration)
+            (&o.holder, &o.renew_time, o.duration)
+                != (&seen.holder, &seen.renew_time, seen.duration)
         });
         if changed {
             self.observed = Some(seen);
