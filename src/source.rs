@@ -264,7 +264,7 @@ impl GitSource {
             message: failure
                 .borrow_mut()
                 .take()
-                .unwrap_or_else(|| e.message().to_string()),
+                .unwrap_or_else(|| self.credentials.explain(e.message())),
             hint: self.credentials.hint(),
         };
         let repo = self.repo();

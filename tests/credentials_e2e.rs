@@ -448,3 +448,238 @@ fn the_operator_fetches_with_the_secret_of_a_gitsync() {
         "the operator logs the failure (without the token)"
     );
 }
+
+/// An OpenSSH server of its own on a free local port, for the user running the tests, that
+/// accepts one client key; stopped when dropped.
+struct SshServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: std::process::Child,
+}
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+impl SshServer {
+    fn start(authorized_key: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("kommit-sshd-")
+            .tempdir()
+            .unwrap();
+        keygen(&dir.path().join("host_ed25519"), "");
+        std::fs::write(dir.path().join("authorized_keys"), authorized_key).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let user = whoami();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {dir}/host_ed25519\n\
+             AuthorizedKeysFile {dir}/authorized_keys\nPubkeyAuthentication yes\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             StrictModes no\nPermitRootLogin prohibit-password\nAllowUsers {user}\n\
+             PidFile {dir}/sshd.pid\nLogLevel ERROR\n",
+            dir = dir.path().display()
+        );
+        std::fs::write(dir.path().join("sshd_config"), config).unwrap();
+        // As root, sshd separates privileges into a directory it insists on.
+        if user == "root" {
+            std::fs::create_dir_all("/run/sshd").unwrap();
+        }
+        let child = Command::new(SSHD)
+            .args(["-D", "-e", "-f"])
+            .arg(dir.path().join("sshd_config"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sshd starts");
+        wait_until(Duration::from_secs(20), "sshd listens", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        SshServer { dir, port, child }
+    }
+
+    /// The server's host key as a known_hosts line.
+    fn known_hosts_line(&self) -> String {
+        let public = std::fs::read_to_string(self.dir.path().join("host_ed25519.pub")).unwrap();
+        let mut fields = public.split_whitespace();
+        let (kind, key) = (fields.next().unwrap(), fields.next().unwrap());
+        format!("[127.0.0.1]:{} {kind} {key}\n", self.port)
+    }
+
+    fn url(&self, repo: &GitRepo) -> String {
+        format!(
+            "ssh://{}@127.0.0.1:{}{}/.git",
+            whoami(),
+            self.port,
+            repo.path_str()
+        )
+    }
+}
+
+impl Drop for SshServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn whoami() -> String {
+    let out = Command::new("id").arg("-un").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Makes an ed25519 key pair at `path` (and `path.pub`); returns the private key's text.
+fn keygen(path: &Path, passphrase: &str) -> String {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-C", "", "-N", passphrase, "-f"])
+        .arg(path)
+        .output()
+        .expect("ssh-keygen runs");
+    assert!(out.status.success(), "ssh-keygen failed");
+    std::fs::read_to_string(path).unwrap()
+}
+
+fn ssh_credentials(key: &str, passphrase: Option<&str>, known_hosts: &str) -> GitCredentials {
+    GivenCredentials::new("Secret team/git-ssh")
+        .with_ssh_key(
+            SecretString::new(key),
+            passphrase.map(SecretString::new),
+            kommit::source::KnownHosts::parse(known_hosts).expect("valid known_hosts"),
+        )
+        .into()
+}
+
+#[test]
+fn an_ssh_key_from_memory_fetches_only_from_a_host_in_known_hosts() {
+    if !Path::new(SSHD).exists() {
+        eprintln!(
+            "NOT RUN: {SSHD} is missing (Debian: openssh-server); the ssh path is covered by the \
+             known_hosts unit tests only"
+        );
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    const PASSPHRASE: &str = "kommit passphrase 5e1d";
+    let client_key = keygen(&keys.path().join("client"), PASSPHRASE);
+    let client_public = std::fs::read_to_string(keys.path().join("client.pub")).unwrap();
+    let stranger_key = keygen(&keys.path().join("stranger"), "");
+    let server = SshServer::start(&client_public);
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &web("nginx:1.25"));
+    let commit = repo.commit("Web on nginx 1.25");
+    let url = server.url(&repo);
+    let known = server.known_hosts_line();
+    let leaks = |err: &kommit::source::SourceError| {
+        let shown = format!("{err} {err:?}");
+        [
+            "PRIVATE KEY",
+            PASSPHRASE,
+            client_key.lines().nth(1).unwrap(),
+        ]
+        .iter()
+        .any(|secret| shown.contains(secret))
+    };
+
+    // The right key (with its passphrase) and the host in known_hosts: the commit is read.
+    let cache = tempfile::tempdir().unwrap();
+    let source = GitSource::open_with(
+        &url,
+        cache.path(),
+        ssh_credentials(&client_key, Some(PASSPHRASE), &known),
+    )
+    .expect("the key clones over ssh");
+    assert_eq!(source.resolve(Some("main")).unwrap().sha, commit);
+    source.fetch().expect("and fetches again");
+
+    // Hashed the way `ssh-keygen -H` does it, the entry still matches.
+    let hashed = keys.path().join("known_hosts");
+    std::fs::write(&hashed, &known).unwrap();
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-H", "-f"])
+        .arg(&hashed)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let hashed = std::fs::read_to_string(&hashed).unwrap();
+    assert!(hashed.starts_with("|1|"), "{hashed}");
+    GitSource::open_with(
+        &url,
+        tempfile::tempdir().unwrap().path(),
+        ssh_credentials(&client_key, Some(PASSPHRASE), &hashed),
+    )
+    .expect("a hashed known_hosts entry matches");
+
+    // The host is not in known_hosts: refused before any key is offered.
+    let elsewhere = format!("github.com {}", known.split_once(' ').unwrap().1);
+    let err = GitSource::open_with(
+        &url,
+        tempfile::tempdir().unwrap().path(),
+        ssh_credentials(&client_key, Some(PASSPHRASE), &elsewhere),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "host key for [127.0.0.1]:{} is not in the known_hosts of Secret team/git-ssh; add \
+             it with `ssh-keyscan -p {} 127.0.0.1 >> known_hosts`",
+            server.port, server.port
+        )),
+        "{err}"
+    );
+    assert!(!leaks(&err));
+
+    // known_hosts lists another key for the host: a changed key, refused.
+    let stranger_public = std::fs::read_to_string(keys.path().join("stranger.pub")).unwrap();
+    let impostor = format!(
+        "[127.0.0.1]:{} {}",
+        server.port,
+        stranger_public
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let err = GitSource::open_with(
+        &url,
+        tempfile::tempdir().unwrap().path(),
+        ssh_credentials(&client_key, Some(PASSPHRASE), &impostor),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "the ssh-ed25519 host key of [127.0.0.1]:{} does not match the known_hosts of \
+             Secret team/git-ssh",
+            server.port
+        )),
+        "{err}"
+    );
+
+    // A key the server does not accept, and a wrong passphrase: authentication fails.
+    let err = GitSource::open_with(
+        &url,
+        tempfile::tempdir().unwrap().path(),
+        ssh_credentials(&stranger_key, None, &known),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "authentication failed: the server refused the ssh key of Secret team/git-ssh"
+        ),
+        "{err}"
+    );
+    assert!(!leaks(&err));
+    let err = GitSource::open_with(
+        &url,
+        tempfile::tempdir().unwrap().path(),
+        ssh_credentials(&client_key, Some("not the passphrase"), &known),
+    )
+    .unwrap_err();
+    assert!(!leaks(&err), "{err}");
+    assert!(
+        err.to_string().contains(
+            "check that ssh-privatekey of Secret team/git-ssh is a whole private key and \
+             ssh-passphrase its passphrase"
+        ),
+        "{err}"
+    );
+}

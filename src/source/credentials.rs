@@ -198,6 +198,22 @@ impl GitCredentials {
         }
     }
 
+    /// libgit2's message for a failed fetch, with what to check when it is about the key.
+    pub(crate) fn explain(&self, message: &str) -> String {
+        match self {
+            GitCredentials::Given(given)
+                if given.ssh.is_some() && message.contains("private key") =>
+            {
+                format!(
+                    "{message} (check that ssh-privatekey of {} is a whole private key and \
+                     ssh-passphrase its passphrase)",
+                    given.origin
+                )
+            }
+            _ => message.to_string(),
+        }
+    }
+
     /// Callbacks for fetching `url`. A failure the callbacks detect is also written to the
     /// returned cell, because libgit2 replaces some callback errors (a refused host key) with a
     /// generic message.
@@ -918,6 +934,18 @@ mod tests {
             "a token for user x-access-token and an ssh key from Secret team/git-creds"
         );
         assert!(credentials.hint().contains("Secret team/git-creds"));
+        let explained = credentials.explain("Unable to extract public key from private key");
+        assert!(
+            explained.ends_with(
+                "(check that ssh-privatekey of Secret team/git-creds is a whole private key \
+                 and ssh-passphrase its passphrase)"
+            ),
+            "{explained}"
+        );
+        assert_eq!(
+            GitCredentials::Ambient.explain("private key"),
+            "private key"
+        );
         assert!(!credentials.hint().contains(TOKEN));
     }
 
