@@ -222,7 +222,9 @@ fn a_signed_push_webhook_syncs_before_the_interval_and_a_forged_one_changes_noth
         &[("KOMMIT_WEBHOOK_SECRET", secret)],
     );
     assert_eq!(operator.get("/healthz").0, 200);
-    assert_eq!(operator.get("/readyz").0, 200);
+    wait_until(Duration::from_secs(30), "the operator is ready", || {
+        operator.get("/readyz").0 == 200
+    });
     // An hour between fetches: only a webhook can bring the next commit in time.
     kubectl_apply(
         &ns.name,

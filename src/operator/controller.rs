@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
@@ -53,6 +53,19 @@ pub struct Context {
     pub cluster: Cluster,
     pub cache_dir: PathBuf,
     pub metrics: Arc<Metrics>,
+    /// Per GitSync: what its last successful reconcile saw (`spec_or_request`) and when.
+    pub last_runs: std::sync::Mutex<std::collections::HashMap<(String, String), (u64, Instant)>>,
+}
+
+impl Context {
+    pub fn new(cluster: Cluster, cache_dir: PathBuf, metrics: Arc<Metrics>) -> Self {
+        Context {
+            cluster,
+            cache_dir,
+            metrics,
+            last_runs: Default::default(),
+        }
+    }
 }
 
 /// Runs the controller until `shutdown` resolves (then lets the reconciles in flight finish);
@@ -77,6 +90,18 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// What makes a GitSync worth a reconcile before its interval: a new spec or a new request.
+fn spec_or_request(gitsync: &GitSync) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    gitsync.metadata.generation.hash(&mut hasher);
+    gitsync
+        .annotations()
+        .get(REQUESTED_AT_ANNOTATION)
+        .hash(&mut hasher);
+    hasher.finish()
 }
 
 fn interval_of(gitsync: &GitSync) -> Duration {
@@ -111,7 +136,23 @@ async fn reconcile_one(
         namespace: gitsync.namespace().unwrap_or_default(),
         name: gitsync.name_any(),
     };
-    let started = std::time::Instant::now();
+    // Every status write of ours is a watch event too; those are not reasons to sync again.
+    let key = (labels.namespace.clone(), labels.name.clone());
+    let seen = spec_or_request(&gitsync);
+    let interval = interval_of(&gitsync);
+    let last = context
+        .last_runs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .copied();
+    if let Some((last_seen, at)) = last
+        && last_seen == seen
+        && at.elapsed() < interval
+    {
+        return Ok(Action::requeue(interval - at.elapsed()));
+    }
+    let started = Instant::now();
     let span = tracing::info_span!("gitsync", namespace = %labels.namespace, name = %labels.name, repo = %gitsync.spec.repo);
     let result = tracing::Instrument::instrument(sync_gitsync(&gitsync, &context), span).await;
     let failure = match &result {
@@ -131,6 +172,13 @@ async fn reconcile_one(
             context.metrics.synced_commit(&labels, commit_time);
         }
     }
+    let mut last_runs = context.last_runs.lock().unwrap_or_else(|e| e.into_inner());
+    match &result {
+        Ok(_) => last_runs.insert(key, (seen, started)),
+        // A failure is retried on the error policy's schedule, not held back.
+        Err(_) => last_runs.remove(&key),
+    };
+    drop(last_runs);
     result.map(|outcome| outcome.action)
 }
 

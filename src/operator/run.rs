@@ -66,11 +66,11 @@ pub async fn run(cluster: Cluster, options: OperatorOptions) -> Result<(), RunEr
     let server = tokio::spawn(async move { server.await });
     ready.store(true, Ordering::Relaxed);
 
-    let context = Arc::new(controller::Context {
+    let context = Arc::new(controller::Context::new(
         cluster,
-        cache_dir: options.cache_dir,
-        metrics: metrics.clone(),
-    });
+        options.cache_dir,
+        metrics.clone(),
+    ));
     let outcome = match options.lease {
         None => {
             metrics.set_leader(true);
