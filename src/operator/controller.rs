@@ -362,6 +362,9 @@ async fn sync_gitsync(gitsync: &GitSync, context: &Context) -> Result<Reconciled
                 .filter(|c| c.action.writes())
                 .map(|c| c.key.to_string())
                 .collect();
+            // The source was reachable again: an earlier fetch failure no longer stalls it.
+            set_condition(&mut status, "Stalled", "False", "Reachable", "", generation);
+            let healthy = status.health.as_deref() == Some("Healthy");
             if drifted.is_empty() {
                 set_condition(
                     &mut status,
@@ -371,15 +374,28 @@ async fn sync_gitsync(gitsync: &GitSync, context: &Context) -> Result<Reconciled
                     "the cluster matches the commit",
                     generation,
                 );
+                if healthy {
+                    let commit = &report.plan.source.commit;
+                    set_condition(
+                        &mut status,
+                        "Ready",
+                        "True",
+                        "Ready",
+                        &format!("{} \"{}\"", commit.short_sha(), commit.subject),
+                        generation,
+                    );
+                }
             } else {
+                let message = format!("changed outside git: {}", drifted.join(", "));
                 set_condition(
                     &mut status,
                     "Synced",
                     "False",
                     "Drift",
-                    &format!("changed outside git: {}", drifted.join(", ")),
+                    &message,
                     generation,
                 );
+                set_condition(&mut status, "Ready", "False", "Drift", &message, generation);
             }
             status.observed_generation = generation;
             write_status(&api, &name, &status).await?;
