@@ -34,6 +34,8 @@ pub enum OperatorError {
     Reconcile(#[from] ReconcileError),
     #[error("cannot open {repo}: {message}")]
     Source { repo: String, message: String },
+    #[error("{message}")]
+    Credentials { message: String },
     #[error("cannot write the status of GitSync {name}: {message}")]
     Status { name: String, message: String },
 }
@@ -44,6 +46,7 @@ impl OperatorError {
         match self {
             OperatorError::Reconcile(_) => "SyncFailed",
             OperatorError::Source { .. } => "SourceUnavailable",
+            OperatorError::Credentials { .. } => "CredentialsUnavailable",
             OperatorError::Status { .. } => "StatusWriteFailed",
         }
     }
@@ -251,10 +254,7 @@ async fn sync_gitsync(gitsync: &GitSync, context: &Context) -> Result<Reconciled
                 set_condition(&mut status, kind, value, reason, &message, generation);
             }
             write_status(&api, &name, &status).await?;
-            return Err(OperatorError::Source {
-                repo: spec.repo.clone(),
-                message,
-            });
+            return Err(OperatorError::Credentials { message });
         }
     };
     let repo = spec.repo.clone();
