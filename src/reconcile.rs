@@ -60,6 +60,9 @@ pub struct Policy {
     pub unpin: bool,
     /// Write each outcome as a git note under refs/notes/kommit (local repositories).
     pub record_notes: bool,
+    /// Namespaces that may hold objects to prune besides those of the commit's objects (where
+    /// the source's objects were before); searched when kommit may not list cluster-wide.
+    pub prune_namespaces: Vec<String>,
 }
 
 impl Default for Policy {
@@ -76,6 +79,7 @@ impl Default for Policy {
             retry_failed: false,
             unpin: false,
             record_notes: false,
+            prune_namespaces: Vec::new(),
         }
     }
 }
@@ -1224,6 +1228,7 @@ async fn plan_against(
         let namespaces: BTreeSet<&str> = desired
             .iter()
             .filter_map(|d| d.key.namespace.as_deref())
+            .chain(policy.prune_namespaces.iter().map(String::as_str))
             .collect();
         list_inventory(cluster, &inventory, &namespaces).await?
     } else {

@@ -1038,3 +1038,62 @@ fn without_patch_on_deployments_the_operator_cannot_sync_and_says_why() {
         ""
     );
 }
+
+#[test]
+fn with_namespaced_roles_over_two_namespaces_health_and_prune_reach_both() {
+    install_crd();
+    let home = TestNamespace::new("chart two namespaces home");
+    let other = TestNamespace::new("chart two namespaces other");
+    let release = unique_release("chart");
+    let namespaces = format!("rbac.namespaces={{{},{}}}", home.name, other.name);
+    let rbac = Rbac::install(
+        &release,
+        &home.name,
+        &["--set", "rbac.scope=namespace", "--set", &namespaces],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = impersonating_kubeconfig(dir.path(), &home.name, &rbac.service_account);
+
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &deployment("web", "nginx:1.25"));
+    // The only object of the second namespace: when it leaves git, nothing there names it.
+    repo.write(
+        "deploy/elsewhere.yaml",
+        &deployment("elsewhere", "nginx:1.25").replacen(
+            "  name: elsewhere\n",
+            &format!("  name: elsewhere\n  namespace: {}\n", other.name),
+            1,
+        ),
+    );
+    let v1 = repo.commit("Web here, another app in the other namespace");
+    let operator = start_operator(&rbac.docs, &kubeconfig, &home.name);
+    apply_gitsync(&home.name, &repo);
+    let status = |path: &str| jsonpath(&home.name, "gitsync/shop", path);
+    wait_for(
+        &operator,
+        &home.name,
+        Duration::from_secs(120),
+        "both Deployments are healthy, watched in each namespace",
+        || status("{.status.lastAppliedCommit}") == v1 && status("{.status.health}") == "Healthy",
+    );
+    assert!(exists(&other.name, "deployment/elsewhere"));
+
+    repo.remove("deploy/elsewhere.yaml");
+    let v2 = repo.commit("The other app moves out of this repository");
+    wait_for(
+        &operator,
+        &home.name,
+        Duration::from_secs(90),
+        "the object of the emptied namespace is pruned",
+        || {
+            status("{.status.lastAppliedCommit}") == v2
+                && !exists(&other.name, "deployment/elsewhere")
+        },
+    );
+    assert!(exists(&home.name, "deployment/web"));
+    assert!(
+        !operator.log().to_lowercase().contains("forbidden"),
+        "{}",
+        log_tail(&operator)
+    );
+}

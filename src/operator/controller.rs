@@ -308,6 +308,13 @@ async fn sync_gitsync(gitsync: &GitSync, context: &Context) -> Result<Reconciled
         // Self-heal means git wins over whoever edited an object.
         force_conflicts: spec.self_heal,
         wait: Some(WaitOptions::default()),
+        // Where the GitSync's objects were: a namespace emptied in git is still searched.
+        prune_namespaces: status
+            .inventory
+            .iter()
+            .filter_map(|entry| entry.namespace.clone())
+            .chain(target.namespace.clone())
+            .collect(),
         ..Policy::default()
     };
     let head = source

@@ -102,9 +102,33 @@ impl WaitOutcome {
 
 /// Reflector stores of the kinds whose health needs more than a look at the object itself.
 struct Stores {
-    deployments: Store<Deployment>,
-    replica_sets: Store<ReplicaSet>,
-    pods: Store<Pod>,
+    deployments: Stores1<Deployment>,
+    replica_sets: Stores1<ReplicaSet>,
+    pods: Stores1<Pod>,
+}
+
+/// One kind's stores, one per watched namespace: watching each namespace rather than the whole
+/// cluster works for a kommit bound by Roles in those namespaces only.
+struct Stores1<K: kube::Resource + 'static>(Vec<Store<K>>)
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone;
+
+impl<K> Stores1<K>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    fn get(&self, key: &reflector::ObjectRef<K>) -> Option<Arc<K>> {
+        self.0.iter().find_map(|store| store.get(key))
+    }
+
+    fn state(&self) -> Vec<Arc<K>> {
+        self.0.iter().flat_map(|store| store.state()).collect()
+    }
+
+    async fn wait_until_ready(&self) {
+        futures::future::join_all(self.0.iter().map(|store| store.wait_until_ready())).await;
+    }
 }
 
 type Driver = std::pin::Pin<Box<dyn Stream<Item = ()> + Send>>;
@@ -120,56 +144,49 @@ fn start_watches(cluster: &Cluster, watched: &[Watched]) -> Option<(Stores, Driv
         return None;
     }
     let client = cluster.client().clone();
-    fn api<K>(client: &kube::Client, namespaces: &BTreeSet<&str>) -> Api<K>
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-        <K as kube::Resource>::DynamicType: Default,
-    {
-        match namespaces.iter().next() {
-            Some(ns) if namespaces.len() == 1 => Api::namespaced(client.clone(), ns),
-            _ => Api::all(client.clone()),
-        }
-    }
-    let (deployments, deployment_writer) = reflector::store::<Deployment>();
-    let (replica_sets, replica_set_writer) = reflector::store::<ReplicaSet>();
-    let (pods, pod_writer) = reflector::store::<Pod>();
     let config = watcher::Config::default().page_size(100);
+    let mut drivers: Vec<Driver> = Vec::new();
+    let mut stores = Stores {
+        deployments: Stores1(Vec::new()),
+        replica_sets: Stores1(Vec::new()),
+        pods: Stores1(Vec::new()),
+    };
     // Health needs metadata and status; the caches keep little else (a no-op sync of a thousand
     // Deployments would otherwise hold every pod spec and managedFields entry).
-    let deployment_events = watcher(api::<Deployment>(&client, &namespaces), config.clone())
-        .default_backoff()
-        .modify(|d: &mut Deployment| d.metadata.managed_fields = None)
-        .reflect(deployment_writer)
-        .map(|_| ());
-    let replica_set_events = watcher(api::<ReplicaSet>(&client, &namespaces), config.clone())
-        .default_backoff()
-        .modify(|rs: &mut ReplicaSet| {
-            rs.metadata.managed_fields = None;
-            rs.spec = None;
-        })
-        .reflect(replica_set_writer)
-        .map(|_| ());
-    let pod_events = watcher(api::<Pod>(&client, &namespaces), config)
-        .default_backoff()
-        .modify(|pod: &mut Pod| {
-            pod.metadata.managed_fields = None;
-            pod.spec = None;
-        })
-        .reflect(pod_writer)
-        .map(|_| ());
-    let driver: Driver = Box::pin(futures::stream::select_all([
-        Box::pin(deployment_events) as Driver,
-        Box::pin(replica_set_events) as Driver,
-        Box::pin(pod_events) as Driver,
-    ]));
-    Some((
-        Stores {
-            deployments,
-            replica_sets,
-            pods,
-        },
-        driver,
-    ))
+    for ns in namespaces {
+        let (deployments, deployment_writer) = reflector::store::<Deployment>();
+        let (replica_sets, replica_set_writer) = reflector::store::<ReplicaSet>();
+        let (pods, pod_writer) = reflector::store::<Pod>();
+        let deployment_events = watcher(Api::namespaced(client.clone(), ns), config.clone())
+            .default_backoff()
+            .modify(|d: &mut Deployment| d.metadata.managed_fields = None)
+            .reflect(deployment_writer)
+            .map(|_| ());
+        let replica_set_events = watcher(Api::namespaced(client.clone(), ns), config.clone())
+            .default_backoff()
+            .modify(|rs: &mut ReplicaSet| {
+                rs.metadata.managed_fields = None;
+                rs.spec = None;
+            })
+            .reflect(replica_set_writer)
+            .map(|_| ());
+        let pod_events = watcher(Api::namespaced(client.clone(), ns), config.clone())
+            .default_backoff()
+            .modify(|pod: &mut Pod| {
+                pod.metadata.managed_fields = None;
+                pod.spec = None;
+            })
+            .reflect(pod_writer)
+            .map(|_| ());
+        drivers.push(Box::pin(deployment_events));
+        drivers.push(Box::pin(replica_set_events));
+        drivers.push(Box::pin(pod_events));
+        stores.deployments.0.push(deployments);
+        stores.replica_sets.0.push(replica_sets);
+        stores.pods.0.push(pods);
+    }
+    let driver: Driver = Box::pin(futures::stream::select_all(drivers));
+    Some((stores, driver))
 }
 
 async fn stores_ready(stores: &Stores) {
