@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -300,29 +300,6 @@ fn a_token_fetches_over_https_and_a_wrong_one_fails_without_showing_it() {
     );
 }
 
-fn install_crd() {
-    let crd = Command::new(env!("CARGO_BIN_EXE_kommit"))
-        .arg("crd")
-        .output()
-        .expect("kommit crd runs");
-    let dir = tempfile::tempdir().unwrap();
-    let file: PathBuf = dir.path().join("crd.yaml");
-    std::fs::write(&file, &crd.stdout).unwrap();
-    kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        file.to_str().unwrap(),
-    ]);
-    kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/gitsyncs.kommit.dev",
-        "--timeout=60s",
-    ]);
-}
-
 fn gitsync(name: &str, url: &str, secret: &str) -> String {
     format!(
         "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {name}}}\nspec:\n  repo: {url}\n  path: deploy\n  interval: 2s\n  secretRef: {{name: {secret}}}\n"
@@ -338,7 +315,7 @@ fn token_secret(name: &str, token: &str) -> String {
 
 #[test]
 fn the_operator_fetches_with_the_secret_of_a_gitsync() {
-    install_crd();
+    install_gitsync_crd();
     let ns = TestNamespace::new("credentials");
     let server = GitHttpServer::start(TOKEN);
     let repo = GitRepo::new();

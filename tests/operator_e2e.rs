@@ -2,33 +2,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-
-fn install_crd() {
-    let crd = Command::new(env!("CARGO_BIN_EXE_kommit"))
-        .arg("crd")
-        .output()
-        .expect("kommit crd runs");
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("crd.yaml");
-    std::fs::write(&file, &crd.stdout).unwrap();
-    kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        file.to_str().unwrap(),
-    ]);
-    kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/gitsyncs.kommit.dev",
-        "--timeout=60s",
-    ]);
-}
 
 fn web(image: &str) -> String {
     format!(
@@ -38,7 +14,7 @@ fn web(image: &str) -> String {
 
 #[test]
 fn a_gitsync_follows_its_repository_rolls_back_a_bad_commit_and_can_be_suspended() {
-    install_crd();
+    install_gitsync_crd();
     let ns = TestNamespace::new("operator");
     let repo = GitRepo::new();
     repo.write("deploy/web.yaml", &web("nginx:1.25"));
@@ -122,7 +98,7 @@ fn gitsync(name: &str, repo: &GitRepo, extra: &str) -> String {
 
 #[test]
 fn deleting_a_file_prunes_its_object_and_a_drifted_field_is_healed() {
-    install_crd();
+    install_gitsync_crd();
     let ns = TestNamespace::new("operator-heal");
     let repo = GitRepo::new();
     repo.write("deploy/web.yaml", &web("nginx:1.25"));
@@ -211,7 +187,7 @@ fn push_payload(repo: &GitRepo) -> Vec<u8> {
 
 #[test]
 fn a_signed_push_webhook_syncs_before_the_interval_and_a_forged_one_changes_nothing() {
-    install_crd();
+    install_gitsync_crd();
     let ns = TestNamespace::new("operator-webhook");
     let repo = GitRepo::new();
     repo.write("deploy/web.yaml", &web("nginx:1.25"));
@@ -244,7 +220,7 @@ fn a_signed_push_webhook_syncs_before_the_interval_and_a_forged_one_changes_noth
         "the first commit is healthy",
         || status("{.status.lastAppliedCommit}") == v1 && status("{.status.health}") == "Healthy",
     );
-    // Let the reconciles that the status updates themselves cause settle.
+    // Let the first reconcile's status writes settle before the next commit.
     std::thread::sleep(Duration::from_secs(3));
 
     repo.write("deploy/web.yaml", &web("nginx:1.26"));
@@ -346,7 +322,7 @@ fn lease_holder(namespace: &str) -> String {
 
 #[test]
 fn of_two_operators_only_the_leader_reconciles_and_the_other_takes_over() {
-    install_crd();
+    install_gitsync_crd();
     let ns = TestNamespace::new("operator-leader");
     let repo = GitRepo::new();
     repo.write("deploy/web.yaml", &web("nginx:1.25"));
@@ -401,7 +377,7 @@ fn of_two_operators_only_the_leader_reconciles_and_the_other_takes_over() {
 
 #[test]
 fn a_stopping_leader_releases_its_lease_so_a_standby_takes_over_at_once() {
-    install_crd();
+    install_gitsync_crd();
     let ns = TestNamespace::new("operator-release");
     // A lease of five minutes: a takeover within a minute proves it was released, not expired.
     let args = [

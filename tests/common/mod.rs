@@ -80,6 +80,30 @@ pub fn jsonpath(namespace: &str, object: &str, path: &str) -> String {
     ])
 }
 
+/// Installs the GitSync CRD as `kommit crd` prints it (idempotent) and waits until it is served.
+pub fn install_gitsync_crd() {
+    let crd = Command::new(env!("CARGO_BIN_EXE_kommit"))
+        .arg("crd")
+        .output()
+        .expect("kommit crd runs");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("crd.yaml");
+    std::fs::write(&file, &crd.stdout).unwrap();
+    kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+    kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/gitsyncs.kommit.dev",
+        "--timeout=60s",
+    ]);
+}
+
 /// A namespace of its own for one test; deleted (without waiting) when dropped.
 pub struct TestNamespace {
     pub name: String,
