@@ -1230,7 +1230,11 @@ async fn plan_against(
             .filter_map(|d| d.key.namespace.as_deref())
             .chain(policy.prune_namespaces.iter().map(String::as_str))
             .collect();
-        list_inventory(cluster, &inventory, &namespaces).await?
+        let applied_kinds: HashSet<(&str, &str)> = desired
+            .iter()
+            .map(|d| (d.key.group.as_str(), d.key.kind.as_str()))
+            .collect();
+        list_inventory(cluster, &inventory, &namespaces, &applied_kinds).await?
     } else {
         Vec::new()
     };
@@ -1337,9 +1341,15 @@ async fn prefetch_live(
     )
     .map(|members| async move {
         let rt = members[0].resource.as_ref().expect("grouped by resource");
-        let items = cluster
+        let items = match cluster
             .list(rt, members[0].key.namespace.as_deref(), None)
-            .await?;
+            .await
+        {
+            Ok(items) => items,
+            // Allowed to get but not to list: each object is looked at by itself instead.
+            Err(ClusterError::Forbidden { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
         let mut by_name: HashMap<String, Value> = items
             .into_iter()
             .filter_map(|item| {
@@ -1527,6 +1537,7 @@ async fn list_inventory(
     cluster: &Cluster,
     inventory: &str,
     namespaces: &BTreeSet<&str>,
+    applied_kinds: &HashSet<(&str, &str)>,
 ) -> Result<Vec<(ResourceType, Value)>, ReconcileError> {
     let selector = format!("{INVENTORY_LABEL}={inventory}");
     let types = cluster.prunable_types();
@@ -1544,6 +1555,19 @@ async fn list_inventory(
                             }
                     )
                 };
+                // Kommit applies this kind but may not list it: what leaves git stays behind.
+                let blind = |e: &ClusterError, namespace: Option<&str>| {
+                    if matches!(e, ClusterError::Forbidden { .. })
+                        && applied_kinds.contains(&(rt.group(), rt.kind()))
+                    {
+                        tracing::warn!(
+                            kind = %rt.kind(),
+                            namespace = namespace.unwrap_or("(all)"),
+                            "kommit may not list {} there, so those that left git are not pruned: grant it list",
+                            rt.resource.plural
+                        );
+                    }
+                };
                 let items = match cluster.list(&rt, None, Some(&selector)).await {
                     Ok(items) => items,
                     Err(ClusterError::Forbidden { .. }) if rt.namespaced => {
@@ -1551,7 +1575,7 @@ async fn list_inventory(
                         for ns in namespaces {
                             match cluster.list(&rt, Some(ns), Some(&selector)).await {
                                 Ok(found) => items.extend(found),
-                                Err(e) if cannot_list(&e) => {}
+                                Err(e) if cannot_list(&e) => blind(&e, Some(ns)),
                                 Err(e) => return Err(ReconcileError::from(e)),
                             }
                         }
@@ -1560,6 +1584,7 @@ async fn list_inventory(
                     // Kinds we may not list at all (RBAC) or that vanished cannot hold objects
                     // we could prune anyway.
                     Err(e) if cannot_list(&e) => {
+                        blind(&e, None);
                         tracing::debug!(kind = %rt.kind(), "skipping a kind that cannot be listed");
                         Vec::new()
                     }

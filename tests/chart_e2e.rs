@@ -1097,3 +1097,45 @@ fn with_namespaced_roles_over_two_namespaces_health_and_prune_reach_both() {
         log_tail(&operator)
     );
 }
+
+#[test]
+fn without_list_on_a_kind_it_applies_the_operator_still_syncs_and_warns_that_it_cannot_prune_it() {
+    install_crd();
+    let ns = TestNamespace::new("chart no list");
+    let release = unique_release("chart");
+    let managed = json!([
+        {"apiGroups": [""], "resources": ["configmaps"]},
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create", "patch", "delete"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"]},
+    ]);
+    let set = format!("rbac.managedResources={managed}");
+    let rbac = Rbac::install(&release, &ns.name, &["--set-json", &set]);
+    assert!(!allows(&rbac.docs, "", "services", "list"));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = impersonating_kubeconfig(dir.path(), &ns.name, &rbac.service_account);
+
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &deployment("web", "nginx:1.25"));
+    repo.write("deploy/service.yaml", &service("web"));
+    let v1 = repo.commit("Web and its Service");
+    let operator = start_operator(&rbac.docs, &kubeconfig, &ns.name);
+    apply_gitsync(&ns.name, &repo);
+    let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
+    wait_for(
+        &operator,
+        &ns.name,
+        Duration::from_secs(120),
+        "the commit is applied without listing Services",
+        || status("{.status.lastAppliedCommit}") == v1 && status("{.status.health}") == "Healthy",
+    );
+    assert!(exists(&ns.name, "service/web"));
+    wait_until(
+        Duration::from_secs(30),
+        "the operator warns that Services cannot be pruned",
+        || {
+            operator
+                .log()
+                .contains("may not list services there, so those that left git are not pruned")
+        },
+    );
+}
