@@ -305,6 +305,18 @@ fn a_signed_push_webhook_syncs_before_the_interval_and_a_forged_one_changes_noth
         metrics.contains("kommit_last_synced_commit_age_seconds{"),
         "{metrics}"
     );
+
+    kubectl_ok(&["delete", "gitsync", "shop", "-n", &ns.name]);
+    wait_until(
+        Duration::from_secs(60),
+        "a deleted GitSync's commit age is no longer reported",
+        || {
+            !operator
+                .get("/metrics")
+                .1
+                .contains("kommit_last_synced_commit_age_seconds{")
+        },
+    );
 }
 
 fn lease_holder(namespace: &str) -> String {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -83,6 +83,24 @@ pub async fn run(
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
+    // A deleted GitSync's commit age would otherwise be reported, and grow, until a restart.
+    let metrics = context.metrics.clone();
+    let all = api.clone();
+    let forget_deleted = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            let Ok(list) = all.list(&ListParams::default()).await else {
+                continue;
+            };
+            let existing: std::collections::HashSet<(String, String)> = list
+                .iter()
+                .map(|g| (g.namespace().unwrap_or_default(), g.name_any()))
+                .collect();
+            metrics.retain_synced(|labels| {
+                existing.contains(&(labels.namespace.clone(), labels.name.clone()))
+            });
+        }
+    });
     Controller::new(api, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
         .run(reconcile_one, error_policy, context)
@@ -93,6 +111,7 @@ pub async fn run(
             }
         })
         .await;
+    forget_deleted.abort();
 }
 
 /// What makes a GitSync worth a reconcile before its interval: a new spec or a new request.

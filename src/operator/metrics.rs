@@ -204,13 +204,13 @@ impl Metrics {
             .insert(gitsync.clone(), commit_time);
     }
 
-    /// A deleted GitSync's commit age would otherwise grow forever.
-    pub fn forget(&self, gitsync: &GitSyncLabels) {
+    /// Keeps the commit ages of the GitSyncs that still exist.
+    pub fn retain_synced(&self, exists: impl Fn(&GitSyncLabels) -> bool) {
         self.synced_commits
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(gitsync);
+            .retain(|labels, _| exists(labels));
     }
 
     pub fn webhook(&self, provider: &str, result: &str) {
@@ -272,7 +272,7 @@ mod tests {
             .expect("commit age");
         let age: i64 = age_line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!((3600..3700).contains(&age), "{age_line}");
-        metrics.forget(&shop);
+        metrics.retain_synced(|labels| labels.name != "shop");
         assert!(!metrics.render().contains("last_synced_commit_age"));
     }
 }
