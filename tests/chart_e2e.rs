@@ -586,7 +586,9 @@ fn install_crd() {
 struct Rbac {
     docs: Vec<Value>,
     cluster_scoped: Vec<String>,
-    service_account: String,
+    /// A kubeconfig that acts as the chart's ServiceAccount.
+    kubeconfig: PathBuf,
+    _kubeconfig_dir: tempfile::TempDir,
 }
 
 impl Rbac {
@@ -619,10 +621,14 @@ impl Rbac {
             .as_str()
             .unwrap()
             .to_string();
+        let kubeconfig_dir = tempfile::tempdir().unwrap();
+        let kubeconfig =
+            impersonating_kubeconfig(kubeconfig_dir.path(), namespace, &service_account);
         let rbac = Rbac {
             docs,
             cluster_scoped,
-            service_account,
+            kubeconfig,
+            _kubeconfig_dir: kubeconfig_dir,
         };
         let dir = tempfile::tempdir().unwrap();
         let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
@@ -792,8 +798,7 @@ fn the_operator_does_its_whole_job(test: &str, values: &[&str]) {
     let ns = TestNamespace::new(test);
     let release = unique_release("chart");
     let rbac = Rbac::install(&release, &ns.name, values);
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = impersonating_kubeconfig(dir.path(), &ns.name, &rbac.service_account);
+    let kubeconfig = rbac.kubeconfig.clone();
 
     // The kubeconfig really acts as the ServiceAccount: an admin could read nodes.
     let nodes = kubectl_as(&kubeconfig, &["get", "nodes"]);
@@ -996,8 +1001,7 @@ fn without_patch_on_deployments_the_operator_cannot_sync_and_says_why() {
     let set = format!("rbac.managedResources={managed}");
     let rbac = Rbac::install(&release, &ns.name, &["--set-json", &set]);
     assert!(!allows(&rbac.docs, "apps", "deployments", "patch"));
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = impersonating_kubeconfig(dir.path(), &ns.name, &rbac.service_account);
+    let kubeconfig = rbac.kubeconfig.clone();
 
     let repo = GitRepo::new();
     repo.write("deploy/web.yaml", &deployment("web", "nginx:1.25"));
@@ -1051,8 +1055,7 @@ fn with_namespaced_roles_over_two_namespaces_health_and_prune_reach_both() {
         &home.name,
         &["--set", "rbac.scope=namespace", "--set", &namespaces],
     );
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = impersonating_kubeconfig(dir.path(), &home.name, &rbac.service_account);
+    let kubeconfig = rbac.kubeconfig.clone();
 
     let repo = GitRepo::new();
     repo.write("deploy/web.yaml", &deployment("web", "nginx:1.25"));
@@ -1111,8 +1114,7 @@ fn without_list_on_a_kind_it_applies_the_operator_still_syncs_and_warns_that_it_
     let set = format!("rbac.managedResources={managed}");
     let rbac = Rbac::install(&release, &ns.name, &["--set-json", &set]);
     assert!(!allows(&rbac.docs, "", "services", "list"));
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = impersonating_kubeconfig(dir.path(), &ns.name, &rbac.service_account);
+    let kubeconfig = rbac.kubeconfig.clone();
 
     let repo = GitRepo::new();
     repo.write("deploy/web.yaml", &deployment("web", "nginx:1.25"));

@@ -20,22 +20,9 @@ fn a_gitsync_follows_its_repository_rolls_back_a_bad_commit_and_can_be_suspended
     repo.write("deploy/web.yaml", &web("nginx:1.25"));
     let v1 = repo.commit("Web on nginx 1.25");
     let _operator = OperatorProcess::start(&["--watch-namespace", &ns.name], &[]);
-    kubectl_apply(
-        &ns.name,
-        &format!(
-            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: shop}}\nspec:\n  repo: file://{}\n  path: deploy\n  interval: 2s\n",
-            repo.path_str()
-        ),
-        &[],
-    );
+    kubectl_apply(&ns.name, &gitsync("shop", &repo, "  interval: 2s\n"), &[]);
     let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
-    let image = || {
-        jsonpath(
-            &ns.name,
-            "deployment/web",
-            "{.spec.template.spec.containers[0].image}",
-        )
-    };
+    let image = || web_image(&ns.name);
     wait_until(
         Duration::from_secs(90),
         "the first commit is applied and healthy",
@@ -87,6 +74,15 @@ fn a_gitsync_follows_its_repository_rolls_back_a_bad_commit_and_can_be_suspended
     repo.commit("Web on nginx 1.27");
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(image(), "nginx:1.26", "a suspended GitSync changes nothing");
+}
+
+/// The image of the `web` Deployment's container.
+fn web_image(namespace: &str) -> String {
+    jsonpath(
+        namespace,
+        "deployment/web",
+        "{.spec.template.spec.containers[0].image}",
+    )
 }
 
 fn gitsync(name: &str, repo: &GitRepo, extra: &str) -> String {
@@ -208,13 +204,7 @@ fn a_signed_push_webhook_syncs_before_the_interval_and_a_forged_one_changes_noth
         &[],
     );
     let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
-    let image = || {
-        jsonpath(
-            &ns.name,
-            "deployment/web",
-            "{.spec.template.spec.containers[0].image}",
-        )
-    };
+    let image = || web_image(&ns.name);
     wait_until(
         Duration::from_secs(90),
         "the first commit is healthy",
@@ -377,14 +367,7 @@ fn of_two_operators_only_the_leader_reconciles_and_the_other_takes_over() {
     );
     assert_eq!(second.metric("kommit_leader"), 1.0);
     assert_ne!(lease_holder(&ns.name), first_holder);
-    assert_eq!(
-        jsonpath(
-            &ns.name,
-            "deployment/web",
-            "{.spec.template.spec.containers[0].image}"
-        ),
-        "nginx:1.26"
-    );
+    assert_eq!(web_image(&ns.name), "nginx:1.26");
 }
 
 #[test]

@@ -176,7 +176,8 @@ async fn reconcile_one(
     }
     let started = Instant::now();
     let span = tracing::info_span!("gitsync", namespace = %labels.namespace, name = %labels.name, repo = %gitsync.spec.repo);
-    let result = tracing::Instrument::instrument(sync_gitsync(&gitsync, &context), span).await;
+    let result =
+        tracing::Instrument::instrument(sync_gitsync(&gitsync, &context, interval), span).await;
     let failure = match &result {
         Ok(outcome) => outcome.failure,
         Err(e) => Some(e.reason()),
@@ -228,10 +229,13 @@ impl Reconciled {
     }
 }
 
-async fn sync_gitsync(gitsync: &GitSync, context: &Context) -> Result<Reconciled, OperatorError> {
+async fn sync_gitsync(
+    gitsync: &GitSync,
+    context: &Context,
+    interval: Duration,
+) -> Result<Reconciled, OperatorError> {
     let name = gitsync.name_any();
     let namespace = gitsync.namespace().unwrap_or_else(|| "default".to_string());
-    let interval = interval_of(gitsync);
     let spec = &gitsync.spec;
     let api: Api<GitSync> = Api::namespaced(context.cluster.client().clone(), &namespace);
     let mut status = gitsync.status.clone().unwrap_or_default();
