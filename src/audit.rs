@@ -10,8 +10,8 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{Cluster, ClusterError};
+use crate::commit::CommitInfo;
 use crate::object::{FIELD_MANAGER, ObjectKey};
-use crate::source::{CommitInfo, GitSource, SourceError};
 
 /// Label on a record naming the inventory it belongs to (records never carry the inventory
 /// label itself, so prune can never delete them).
@@ -240,7 +240,7 @@ impl Events {
     pub fn new(cluster: &Cluster) -> Self {
         let reporter = Reporter {
             controller: "kommit".into(),
-            instance: std::env::var("POD_NAME").ok(),
+            instance: cluster.instance().map(str::to_string),
         };
         Events {
             recorder: Recorder::new(cluster.client().clone(), reporter),
@@ -287,39 +287,6 @@ impl Events {
             tracing::warn!(object = %key, error = %e, "could not publish an event");
         }
     }
-}
-
-/// Writes (or replaces) a note under `refs/notes/kommit` on a commit of a local repository.
-pub fn write_note(source: &GitSource, commit: &CommitInfo, text: &str) -> Result<(), SourceError> {
-    let repo = source.repo();
-    let git = |e: git2::Error| SourceError::Git {
-        repo: source.display().to_string(),
-        message: e.message().to_string(),
-    };
-    let signature = repo
-        .signature()
-        .or_else(|_| git2::Signature::now("kommit", "kommit@localhost"))
-        .map_err(git)?;
-    let oid = git2::Oid::from_str(&commit.sha).map_err(git)?;
-    // Keep earlier notes of the same commit: append this outcome as a new line.
-    let existing = repo
-        .find_note(Some("refs/notes/kommit"), oid)
-        .ok()
-        .and_then(|n| n.message().ok().map(str::to_string));
-    let message = match existing {
-        Some(old) => format!("{}\n{text}", old.trim_end()),
-        None => text.to_string(),
-    };
-    repo.note(
-        &signature,
-        &signature,
-        Some("refs/notes/kommit"),
-        oid,
-        &message,
-        true,
-    )
-    .map_err(git)?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -2,18 +2,18 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use anyhow::Context as _;
 
 use crate::cluster::{Cluster, ConnectOptions};
+use crate::duration::parse_duration;
 use crate::operator::leader::LeaseSettings;
 use crate::plan::{self, Action, Plan};
 use crate::reconcile::{self, ObjectHealth, Policy, Target, WaitOptions, WaitOutcome};
 use crate::rollout::Health;
-use crate::source::{GitSource, default_cache_dir};
+use crate::source::{AmbientCredentials, GitCredentials, GitSource, SecretString};
 
 /// Exit codes, like `git diff --exit-code` and `kubectl diff`.
 pub mod exit {
@@ -222,35 +222,6 @@ pub struct RolloutArgs {
     pub record_notes: bool,
 }
 
-/// Durations as people write them: `90`, `90s`, `5m`, `1h`, `1m30s`.
-pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let bad = || format!("'{text}' is not a duration; write e.g. 90s, 5m or 1h");
-    if let Ok(seconds) = text.parse::<u64>() {
-        return Ok(std::time::Duration::from_secs(seconds));
-    }
-    let mut total = 0u64;
-    let mut number = String::new();
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let value: u64 = number.parse().map_err(|_| bad())?;
-        number.clear();
-        total += value
-            * match c {
-                's' => 1,
-                'm' => 60,
-                'h' => 3600,
-                _ => return Err(bad()),
-            };
-    }
-    if !number.is_empty() || text.is_empty() {
-        return Err(bad());
-    }
-    Ok(std::time::Duration::from_secs(total))
-}
-
 impl RolloutArgs {
     fn apply_to(&self, policy: Policy) -> Policy {
         Policy {
@@ -296,8 +267,8 @@ pub enum Output {
     Markdown,
 }
 
-/// Runs the command line; the binary's whole `main`.
-pub fn main() -> ExitCode {
+/// Runs the command line on the binary's async runtime; returns the process exit code.
+pub async fn main() -> u8 {
     let cli = Cli::parse();
     // A service logs what it does; a command speaks only when asked.
     let service = matches!(
@@ -305,25 +276,11 @@ pub fn main() -> ExitCode {
         Command::Operator { .. } | Command::Watch { .. }
     );
     init_logging(cli.global.verbose.max(u8::from(service)));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(exit::ERROR);
-        }
-    };
-    let result = runtime.block_on(run(cli));
-    // A sync the operator cut short at shutdown may still hold a blocking thread; do not wait.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
-    match result {
-        Ok(code) => ExitCode::from(code),
+    match run(cli).await {
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {}", error_text(&error));
-            ExitCode::from(exit::ERROR)
+            exit::ERROR
         }
     }
 }
@@ -380,6 +337,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let connect = ConnectOptions {
         kubeconfig: cli.global.kubeconfig.clone(),
         context: cli.global.context.clone(),
+        instance: std::env::var("POD_NAME").ok().filter(|v| !v.is_empty()),
     };
     let color = use_color(cli.global.color);
     match cli.command {
@@ -506,8 +464,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             output,
         } => {
             let (git, mut cluster, target) = open(&source, &connect).await?;
-            let bad = git.resolve(Some(&commit))?;
-            let reverted = reconcile::revert_commit(&git, &bad, None)?;
+            let bad = git
+                .blocking(move |source| source.resolve(Some(&commit)))
+                .await?;
+            let reverted = reconcile::revert_commit(&git, &bad).await?;
             if output == Output::Text {
                 eprintln!(
                     "Committed {} \"{}\"; syncing it.",
@@ -569,7 +529,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     .or_else(|| watch_namespace.clone())
                     .unwrap_or_else(|| "default".into()),
                 name: lease_name,
-                identity: crate::operator::leader::default_identity(),
+                identity: crate::operator::leader::identity_for(
+                    std::env::var("POD_NAME")
+                        .or_else(|_| std::env::var("HOSTNAME"))
+                        .ok(),
+                ),
                 duration: lease_duration,
             });
             eprintln!(
@@ -594,6 +558,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 lease,
                 webhook_secret: webhook_secret.map(String::into_bytes),
                 cache_dir: default_cache_dir(),
+                ambient: ambient_credentials(),
             };
             crate::operator::run::run(cluster, options).await?;
             Ok(exit::OK)
@@ -723,14 +688,42 @@ impl ProgressView {
     }
 }
 
+/// Where bare mirrors of remote repositories live.
+fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KOMMIT_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("kommit");
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        return PathBuf::from(home).join(".cache").join("kommit");
+    }
+    std::env::temp_dir().join("kommit-cache")
+}
+
+/// This machine's git credentials beyond an ssh agent and git's credential helper.
+fn ambient_credentials() -> AmbientCredentials {
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    AmbientCredentials {
+        ssh_key: std::env::var_os("KOMMIT_GIT_SSH_KEY")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from),
+        https_token: set("KOMMIT_GIT_TOKEN").map(SecretString::new),
+        https_username: set("KOMMIT_GIT_USERNAME"),
+    }
+}
+
 async fn open(
     args: &SourceArgs,
     connect: &ConnectOptions,
 ) -> anyhow::Result<(GitSource, Cluster, Target)> {
     let spec = args.repo.clone();
     let cache = default_cache_dir();
+    let credentials = GitCredentials::Ambient(ambient_credentials());
     // Opening may clone or fetch: blocking network and disk work, off the async threads.
-    let git = tokio::task::spawn_blocking(move || GitSource::open(&spec, &cache)).await??;
+    let git = tokio::task::spawn_blocking(move || GitSource::open_with(&spec, &cache, credentials))
+        .await??;
     let cluster = Cluster::connect(connect).await?;
     let target = Target {
         rev: args.rev.clone(),
@@ -1128,19 +1121,6 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn durations_read_as_people_write_them() {
-        use std::time::Duration;
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        for bad in ["", "5x", "m", "1m3"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

@@ -18,6 +18,8 @@ use crate::object::{FIELD_MANAGER, ObjectKey};
 pub struct ConnectOptions {
     pub kubeconfig: Option<PathBuf>,
     pub context: Option<String>,
+    /// This process's name in the Events it writes (the operator's pod name).
+    pub instance: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +103,7 @@ pub struct Cluster {
     discovery: std::sync::Arc<Discovery>,
     default_namespace: String,
     server: String,
+    instance: Option<String>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -129,6 +132,7 @@ impl Cluster {
             discovery: std::sync::Arc::new(discovery),
             default_namespace,
             server,
+            instance: options.instance.clone(),
         })
     }
 
@@ -144,6 +148,11 @@ impl Cluster {
 
     pub fn server(&self) -> &str {
         &self.server
+    }
+
+    /// This process's name in the Events it writes, when it has one.
+    pub fn instance(&self) -> Option<&str> {
+        self.instance.as_deref()
     }
 
     /// The namespace of the kubeconfig's context (or the pod's), else `default`.

@@ -8,6 +8,8 @@
 pub mod audit;
 pub mod cli;
 pub mod cluster;
+pub mod commit;
+pub mod duration;
 pub mod manifest;
 pub mod object;
 pub mod operator;

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::source::SourceFile;
+use crate::commit::SourceFile;
 
 /// Where a manifest came from in the repository.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]

@@ -100,6 +100,76 @@ pub struct Condition {
     pub observed_generation: Option<i64>,
 }
 
+/// The conditions a GitSync reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionType {
+    /// The cluster is on the commit and it is healthy.
+    Ready,
+    /// The cluster matches the commit.
+    Synced,
+    /// What the commit applied is healthy.
+    Healthy,
+    /// Progress needs a person (no credentials, unreachable source).
+    Stalled,
+}
+
+impl ConditionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionType::Ready => "Ready",
+            ConditionType::Synced => "Synced",
+            ConditionType::Healthy => "Healthy",
+            ConditionType::Stalled => "Stalled",
+        }
+    }
+}
+
+/// Why a condition is what it is: the `reason` of a condition, one word as Kubernetes has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Ready,
+    Synced,
+    InSync,
+    Healthy,
+    Progressing,
+    Reachable,
+    Suspended,
+    /// Objects were changed outside git (fields taken over, objects deleted).
+    Drift,
+    CredentialsUnavailable,
+    SourceUnavailable,
+    InvalidCommit,
+    PruneGuard,
+    Pinned,
+    SyncFailed,
+    RolloutFailed,
+    /// The commit's rollout failed before; it is not tried again until git moves on.
+    FailedBefore,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Ready => "Ready",
+            Reason::Synced => "Synced",
+            Reason::InSync => "InSync",
+            Reason::Healthy => "Healthy",
+            Reason::Progressing => "Progressing",
+            Reason::Reachable => "Reachable",
+            Reason::Suspended => "Suspended",
+            Reason::Drift => "Drift",
+            Reason::CredentialsUnavailable => "CredentialsUnavailable",
+            Reason::SourceUnavailable => "SourceUnavailable",
+            Reason::InvalidCommit => "InvalidCommit",
+            Reason::PruneGuard => "PruneGuard",
+            Reason::Pinned => "Pinned",
+            Reason::SyncFailed => "SyncFailed",
+            Reason::RolloutFailed => "RolloutFailed",
+            Reason::FailedBefore => "FailedBefore",
+        }
+    }
+}
+
 /// An object the GitSync applied.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -1,16 +1,21 @@
 //! Desired vs live → a list of changes with a normalised, secret-masked diff; and its rendering
 //! as text, JSON and markdown. Pure: values in, values out.
 
+pub mod decide;
 mod render;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+pub use decide::{
+    Decision, Desired, Drifted, DryRun, Inventory, LiveObject, NotYetServed, Observation, Problem,
+    ProblemKind, Rejection, Step, decide,
+};
 pub use render::{render_json, render_markdown, render_text};
 
+use crate::commit::CommitInfo;
 use crate::manifest::Origin;
 use crate::object::{ATTRIBUTION_ANNOTATIONS, ObjectKey};
-use crate::source::CommitInfo;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -37,13 +37,17 @@ impl std::fmt::Display for Health {
 pub struct Verdict {
     pub health: Health,
     pub message: String,
+    /// The controller gave up (`ProgressDeadlineExceeded`): waiting longer cannot help.
+    #[serde(skip)]
+    pub past_deadline: bool,
 }
 
 impl Verdict {
-    fn new(health: Health, message: impl Into<String>) -> Self {
+    pub fn new(health: Health, message: impl Into<String>) -> Self {
         Verdict {
             health,
             message: message.into(),
+            past_deadline: false,
         }
     }
 }
@@ -181,7 +185,11 @@ pub fn deployment_health(deployment: &Value, new_pods: &[Value]) -> (Verdict, Ve
         if let Some(signal) = signals.first() {
             message.push_str(&format!(": {signal}"));
         }
-        return (Verdict::new(Health::Degraded, message), signals);
+        let verdict = Verdict {
+            past_deadline: true,
+            ..Verdict::new(Health::Degraded, message)
+        };
+        return (verdict, signals);
     }
     // Pods the ReplicaSet may not create (quota, admission) will not come by waiting.
     if let Some(failure) = condition(deployment, "ReplicaFailure")
@@ -360,6 +368,7 @@ mod tests {
         d["status"]["conditions"] = json!([{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]);
         let (v, _) = deployment_health(&d, &[pod("web-new", Some("CrashLoopBackOff"), 4, false)]);
         assert_eq!(v.health, Health::Degraded);
+        assert!(v.past_deadline, "waiting longer cannot help");
         assert!(
             v.message.contains("progress deadline") && v.message.contains("web-new"),
             "{}",

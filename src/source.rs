@@ -3,16 +3,19 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use git2::{ErrorCode, FileMode, ObjectType, Oid, Repository, TreeWalkMode, TreeWalkResult};
 use sha2::{Digest, Sha256};
 
 mod credentials;
+mod write;
+
+pub use crate::commit::{CommitInfo, SourceFile, format_rfc3339};
 
 pub use credentials::{
-    DEFAULT_TOKEN_USERNAME, GitCredentials, GivenCredentials, HostKeyCheck, KnownHosts,
-    KnownHostsError, SecretString,
+    AmbientCredentials, DEFAULT_TOKEN_USERNAME, GitCredentials, GivenCredentials, HostKeyCheck,
+    KnownHosts, KnownHostsError, SecretString,
 };
 
 /// Largest manifest file we read. The API server stores objects of at most ~1.5 MiB, so anything
@@ -77,6 +80,8 @@ pub enum SourceError {
         size: usize,
         limit: usize,
     },
+    #[error("{message}")]
+    Revert { message: String },
     #[error("git error in {repo}: {message}")]
     Git { repo: String, message: String },
 }
@@ -90,53 +95,13 @@ impl SourceError {
     }
 }
 
-/// A commit as people know it: what `git log` shows.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct CommitInfo {
-    pub sha: String,
-    pub author: String,
-    pub email: String,
-    /// Seconds since the Unix epoch.
-    pub time: i64,
-    pub subject: String,
-}
-
-impl CommitInfo {
-    pub fn short_sha(&self) -> &str {
-        &self.sha[..self.sha.len().min(7)]
-    }
-
-    /// RFC 3339 (UTC) form of the commit time.
-    pub fn time_rfc3339(&self) -> String {
-        format_rfc3339(self.time)
-    }
-
-    fn from_commit(commit: &git2::Commit<'_>) -> Self {
-        let author = commit.author();
-        CommitInfo {
-            sha: commit.id().to_string(),
-            author: String::from_utf8_lossy(author.name_bytes()).into_owned(),
-            email: String::from_utf8_lossy(author.email_bytes()).into_owned(),
-            time: commit.time().seconds(),
-            subject: String::from_utf8_lossy(commit.summary_bytes().unwrap_or_default())
-                .into_owned(),
-        }
-    }
-}
-
-/// One manifest file read from a commit.
-#[derive(Debug, Clone)]
-pub struct SourceFile {
-    /// Path from the repository root, with `/` separators.
-    pub path: String,
-    pub content: Vec<u8>,
-}
-
 /// A repository to read from: either the user's own checkout (read in place, never modified) or a
-/// bare mirror of a remote kept in the cache folder.
+/// bare mirror of a remote kept in the cache folder. Cloning is cheap and shares the repository,
+/// so that blocking git work can move to a thread of its own ([`GitSource::blocking`]).
+#[derive(Clone)]
 pub struct GitSource {
     // git2's Repository is Send but not Sync; the lock lets async code hold a &GitSource.
-    repo: Mutex<Repository>,
+    repo: Arc<Mutex<Repository>>,
     /// What the user gave us (path or URL), for messages.
     display: String,
     /// Stable identity of the repository, used for the inventory of what kommit applied.
@@ -167,26 +132,12 @@ fn looks_like_scp(spec: &str) -> bool {
     }
 }
 
-/// Where bare mirrors of remote repositories live.
-pub fn default_cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("KOMMIT_CACHE_DIR") {
-        return PathBuf::from(dir);
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(dir).join("kommit");
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        return PathBuf::from(home).join(".cache").join("kommit");
-    }
-    std::env::temp_dir().join("kommit-cache")
-}
-
 impl GitSource {
     /// Opens a local repository in place, or mirrors a remote one into `cache_dir` (fetching it
-    /// when the mirror already exists), with this machine's credentials
-    /// ([`GitCredentials::Ambient`]).
+    /// when the mirror already exists), with an ssh agent or git's credential helper
+    /// ([`GitCredentials::Ambient`] with nothing more).
     pub fn open(spec: &str, cache_dir: &Path) -> Result<Self, SourceError> {
-        Self::open_with(spec, cache_dir, GitCredentials::Ambient)
+        Self::open_with(spec, cache_dir, GitCredentials::default())
     }
 
     /// Like [`GitSource::open`], fetching a remote with `credentials` (now and on every later
@@ -216,11 +167,11 @@ impl GitSource {
             .unwrap_or_else(|_| path.to_path_buf());
         let identity = root.to_string_lossy().trim_end_matches('/').to_string();
         Ok(GitSource {
-            repo: Mutex::new(repo),
+            repo: Arc::new(Mutex::new(repo)),
             display: spec.to_string(),
             identity,
             remote_url: None,
-            credentials: GitCredentials::Ambient,
+            credentials: GitCredentials::default(),
         })
     }
 
@@ -241,7 +192,7 @@ impl GitSource {
             Err(_) => Repository::init_bare(&dir).map_err(|e| cache_err(&e.message()))?,
         };
         let source = GitSource {
-            repo: Mutex::new(repo),
+            repo: Arc::new(Mutex::new(repo)),
             display: url.to_string(),
             identity: url.trim_end_matches('/').to_string(),
             remote_url: Some(url.to_string()),
@@ -304,11 +255,32 @@ impl GitSource {
         self.remote_url.is_none()
     }
 
-    /// The underlying repository, for the modules that write to git (audit).
-    pub fn repo(&self) -> MutexGuard<'_, Repository> {
+    fn repo(&self) -> MutexGuard<'_, Repository> {
         self.repo
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs blocking git work (fetch, reading blobs, walking history) on a thread of the blocking
+    /// pool, so that async callers never hold up the runtime; the work gets a handle to this same
+    /// repository and hands back owned data.
+    pub async fn blocking<T, F>(&self, work: F) -> Result<T, SourceError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&GitSource) -> Result<T, SourceError> + Send + 'static,
+    {
+        let source = self.clone();
+        tokio::task::spawn_blocking(move || work(&source))
+            .await
+            .map_err(|e| SourceError::Git {
+                repo: self.display.clone(),
+                message: format!("the git task stopped: {e}"),
+            })?
+    }
+
+    /// The repository's git directory (`.git` of a checkout, or the bare mirror), for watching.
+    pub fn git_dir(&self) -> PathBuf {
+        self.repo().path().to_path_buf()
     }
 
     /// Resolves a revision (branch, tag, SHA, `HEAD~2`; `None` means HEAD) to a commit.
@@ -332,7 +304,7 @@ impl GitSource {
         let commit = object
             .peel_to_commit()
             .map_err(|e| bad(format!("it does not name a commit ({})", e.message())))?;
-        Ok(CommitInfo::from_commit(&commit))
+        Ok(commit_info(&commit))
     }
 
     /// Looks up a commit by its full SHA.
@@ -423,7 +395,7 @@ impl GitSource {
             let parent = here.parent(0).ok();
             let blob = |c: &git2::Commit<'_>| c.tree().ok()?.get_path(path).ok().map(|e| e.id());
             if blob(&here) != parent.as_ref().and_then(blob) {
-                out.push(CommitInfo::from_commit(&here));
+                out.push(commit_info(&here));
                 if out.len() >= limit {
                     break;
                 }
@@ -472,7 +444,7 @@ impl GitSource {
                 .collect();
             for file in changed {
                 pending.remove(file);
-                found.insert(file.to_string(), CommitInfo::from_commit(&current));
+                found.insert(file.to_string(), commit_info(&current));
             }
         }
         for file in pending {
@@ -630,25 +602,20 @@ fn resolve_link(link_path: &str, target: &str) -> Option<String> {
     }
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// What `git log` shows of a commit.
+fn commit_info(commit: &git2::Commit<'_>) -> CommitInfo {
+    let author = commit.author();
+    CommitInfo {
+        sha: commit.id().to_string(),
+        author: String::from_utf8_lossy(author.name_bytes()).into_owned(),
+        email: String::from_utf8_lossy(author.email_bytes()).into_owned(),
+        time: commit.time().seconds(),
+        subject: String::from_utf8_lossy(commit.summary_bytes().unwrap_or_default()).into_owned(),
+    }
 }
 
-/// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (days-from-civil, no time crate).
-pub fn format_rfc3339(seconds: i64) -> String {
-    let days = seconds.div_euclid(86_400);
-    let secs = seconds.rem_euclid(86_400);
-    let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

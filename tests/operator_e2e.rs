@@ -397,3 +397,111 @@ fn a_stopping_leader_releases_its_lease_so_a_standby_takes_over_at_once() {
         || standby.metric("kommit_leader") == 1.0,
     );
 }
+
+/// Someone scales the Deployment and sets its image by hand; the GitSync (self-heal off) says
+/// exactly what drifted and who holds it, and writes nothing.
+#[test]
+fn hand_edits_without_self_heal_are_reported_as_drift_naming_fields_and_managers() {
+    install_gitsync_crd();
+    let ns = TestNamespace::new("operator-drift");
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &web("nginx:1.25"));
+    let v1 = repo.commit("Web on nginx 1.25");
+    let _operator = OperatorProcess::start(&["--watch-namespace", &ns.name], &[]);
+    kubectl_apply(
+        &ns.name,
+        &gitsync("shop", &repo, "  interval: 2s\n  selfHeal: false\n"),
+        &[],
+    );
+    let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
+    wait_until(Duration::from_secs(90), "the commit is applied", || {
+        status("{.status.lastAppliedCommit}") == v1 && status("{.status.health}") == "Healthy"
+    });
+
+    kubectl_ok(&["scale", "deploy/web", "-n", &ns.name, "--replicas=5"]);
+    kubectl_ok(&[
+        "set",
+        "image",
+        "deploy/web",
+        "-n",
+        &ns.name,
+        "web=nginx:hacked",
+    ]);
+    wait_until(Duration::from_secs(60), "the GitSync reports drift", || {
+        status("{.status.conditions[?(@.type=='Synced')].reason}") == "Drift"
+    });
+    let synced = status("{.status.conditions[?(@.type=='Synced')].status}");
+    let message = status("{.status.conditions[?(@.type=='Synced')].message}");
+    assert_eq!(synced, "False");
+    assert!(
+        message.contains("Deployment web: ")
+            && message.contains(".spec.replicas (kubectl")
+            && message.contains(".spec.template.spec.containers[web].image (kubectl-set)"),
+        "{message}"
+    );
+    assert!(!message.contains("--force-conflicts"), "{message}");
+    assert_eq!(
+        status("{.status.conditions[?(@.type=='Ready')].reason}"),
+        "Drift"
+    );
+    // Nothing was written: the hand edits stand through further checks.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(web_image(&ns.name), "nginx:hacked");
+    assert_eq!(
+        jsonpath(&ns.name, "deployment/web", "{.spec.replicas}"),
+        "5"
+    );
+
+    // A new commit that touches the drifted fields is not applied over them either.
+    repo.write("deploy/web.yaml", &web("nginx:1.26"));
+    repo.commit("Web on nginx 1.26");
+    wait_until(
+        Duration::from_secs(60),
+        "the new commit is held back by the drift",
+        || {
+            let message = status("{.status.conditions[?(@.type=='Synced')].message}");
+            status("{.status.conditions[?(@.type=='Synced')].reason}") == "Drift"
+                && message.contains("kubectl-set")
+                && status("{.status.lastAppliedCommit}") == v1
+        },
+    );
+    assert_eq!(web_image(&ns.name), "nginx:hacked");
+}
+
+/// The same hand edits with self-heal on: git takes its fields back.
+#[test]
+fn hand_edits_with_self_heal_are_taken_back() {
+    install_gitsync_crd();
+    let ns = TestNamespace::new("operator-selfheal");
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &web("nginx:1.25"));
+    let v1 = repo.commit("Web on nginx 1.25");
+    let _operator = OperatorProcess::start(&["--watch-namespace", &ns.name], &[]);
+    kubectl_apply(
+        &ns.name,
+        &gitsync("shop", &repo, "  interval: 2s\n  selfHeal: true\n"),
+        &[],
+    );
+    let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
+    wait_until(Duration::from_secs(90), "the commit is applied", || {
+        status("{.status.lastAppliedCommit}") == v1 && status("{.status.health}") == "Healthy"
+    });
+    kubectl_ok(&["scale", "deploy/web", "-n", &ns.name, "--replicas=5"]);
+    kubectl_ok(&[
+        "set",
+        "image",
+        "deploy/web",
+        "-n",
+        &ns.name,
+        "web=nginx:hacked",
+    ]);
+    wait_until(Duration::from_secs(60), "git's values are back", || {
+        web_image(&ns.name) == "nginx:1.25"
+            && jsonpath(&ns.name, "deployment/web", "{.spec.replicas}") == "2"
+    });
+    wait_until(
+        Duration::from_secs(60),
+        "the GitSync is ready again",
+        || status("{.status.conditions[?(@.type=='Ready')].status}") == "True",
+    );
+}

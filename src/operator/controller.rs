@@ -7,23 +7,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::http::REQUESTED_AT_ANNOTATION;
 use super::metrics::{GitSyncLabels, Metrics};
-use super::{Condition, GitSync, GitSyncStatus, InventoryEntry};
+use super::{Condition, ConditionType, GitSync, GitSyncStatus, InventoryEntry, Reason};
 use crate::audit::{self, HistoryEntry, Outcome};
-use crate::cli::parse_duration;
 use crate::cluster::Cluster;
+use crate::duration::parse_duration;
 use crate::object::FIELD_MANAGER;
 use crate::plan::Action as PlanAction;
+use crate::reconcile::continuous::{self, NextStep};
 use crate::reconcile::{self, Policy, ReconcileError, Target, WaitOptions, WaitOutcome};
-use crate::source::GitSource;
+use crate::source::{AmbientCredentials, GitSource};
 
 /// How many outcomes a GitSync's status keeps.
 const STATUS_HISTORY: usize = 20;
@@ -42,33 +43,34 @@ pub enum OperatorError {
 
 impl OperatorError {
     /// The failure reason for the metrics, as in the status conditions.
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> Reason {
         match self {
-            OperatorError::Reconcile(_) => "SyncFailed",
-            OperatorError::Source { .. } => "SourceUnavailable",
-            OperatorError::Credentials { .. } => "CredentialsUnavailable",
-            OperatorError::Status { .. } => "StatusWriteFailed",
+            OperatorError::Reconcile(e) => failure_reason(e),
+            OperatorError::Source { .. } => Reason::SourceUnavailable,
+            OperatorError::Credentials { .. } => Reason::CredentialsUnavailable,
+            OperatorError::Status { .. } => Reason::SyncFailed,
         }
+    }
+}
+
+/// The condition reason of a sync that stopped before or while writing.
+fn failure_reason(error: &ReconcileError) -> Reason {
+    match error {
+        ReconcileError::Invalid { .. } => Reason::InvalidCommit,
+        ReconcileError::Drift { .. } => Reason::Drift,
+        ReconcileError::PruneGuard(_) => Reason::PruneGuard,
+        ReconcileError::Pinned { .. } => Reason::Pinned,
+        ReconcileError::Source(_) => Reason::SourceUnavailable,
+        ReconcileError::Cluster(_) | ReconcileError::ApplyFailed { .. } => Reason::SyncFailed,
     }
 }
 
 pub struct Context {
     pub cluster: Cluster,
     pub cache_dir: PathBuf,
+    /// The operator's own git credentials, for GitSyncs without a `secretRef`.
+    pub ambient: AmbientCredentials,
     pub metrics: Arc<Metrics>,
-    /// Per GitSync: what its last successful reconcile saw (`spec_or_request`) and when.
-    pub last_runs: std::sync::Mutex<std::collections::HashMap<(String, String), (u64, Instant)>>,
-}
-
-impl Context {
-    pub fn new(cluster: Cluster, cache_dir: PathBuf, metrics: Arc<Metrics>) -> Self {
-        Context {
-            cluster,
-            cache_dir,
-            metrics,
-            last_runs: Default::default(),
-        }
-    }
 }
 
 /// Runs the controller until `shutdown` resolves (then lets the reconciles in flight finish);
@@ -83,16 +85,26 @@ pub async fn run(
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
+    // Only a new spec or a new annotation (a reconcile request) is a reason to look before the
+    // interval; the status writes of every reconcile are not.
+    let (store, writer) = reflector::store();
+    let triggers = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::annotations),
+            Default::default(),
+        );
     // A deleted GitSync's commit age would otherwise be reported, and grow, until a restart.
     let metrics = context.metrics.clone();
-    let all = api.clone();
+    let known = store.clone();
     let forget_deleted = tokio::spawn(async move {
+        known.wait_until_ready().await.ok();
         loop {
             tokio::time::sleep(Duration::from_secs(30)).await;
-            let Ok(list) = all.list(&ListParams::default()).await else {
-                continue;
-            };
-            let existing: std::collections::HashSet<(String, String)> = list
+            let existing: std::collections::HashSet<(String, String)> = known
+                .state()
                 .iter()
                 .map(|g| (g.namespace().unwrap_or_default(), g.name_any()))
                 .collect();
@@ -101,7 +113,7 @@ pub async fn run(
             });
         }
     });
-    Controller::new(api, watcher::Config::default())
+    Controller::for_stream(triggers, store)
         .graceful_shutdown_on(shutdown)
         .run(reconcile_one, error_policy, context)
         .for_each(|result| async move {
@@ -112,18 +124,6 @@ pub async fn run(
         })
         .await;
     forget_deleted.abort();
-}
-
-/// What makes a GitSync worth a reconcile before its interval: a new spec or a new request.
-fn spec_or_request(gitsync: &GitSync) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    gitsync.metadata.generation.hash(&mut hasher);
-    gitsync
-        .annotations()
-        .get(REQUESTED_AT_ANNOTATION)
-        .hash(&mut hasher);
-    hasher.finish()
 }
 
 fn interval_of(gitsync: &GitSync) -> Duration {
@@ -158,23 +158,8 @@ async fn reconcile_one(
         namespace: gitsync.namespace().unwrap_or_default(),
         name: gitsync.name_any(),
     };
-    // Every status write of ours is a watch event too; those are not reasons to sync again.
-    let key = (labels.namespace.clone(), labels.name.clone());
-    let seen = spec_or_request(&gitsync);
-    let interval = interval_of(&gitsync);
-    let last = context
-        .last_runs
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-        .copied();
-    if let Some((last_seen, at)) = last
-        && last_seen == seen
-        && at.elapsed() < interval
-    {
-        return Ok(Action::requeue(interval - at.elapsed()));
-    }
     let started = Instant::now();
+    let interval = interval_of(&gitsync);
     let span = tracing::info_span!("gitsync", namespace = %labels.namespace, name = %labels.name, repo = %gitsync.spec.repo);
     let result =
         tracing::Instrument::instrument(sync_gitsync(&gitsync, &context, interval), span).await;
@@ -185,7 +170,7 @@ async fn reconcile_one(
     if !matches!(result, Ok(Reconciled { skipped: true, .. })) {
         context
             .metrics
-            .reconciled(&labels, started.elapsed(), failure);
+            .reconciled(&labels, started.elapsed(), failure.map(Reason::as_str));
     }
     if let Ok(outcome) = &result {
         if outcome.rolled_back {
@@ -195,13 +180,6 @@ async fn reconcile_one(
             context.metrics.synced_commit(&labels, commit_time);
         }
     }
-    let mut last_runs = context.last_runs.lock().unwrap_or_else(|e| e.into_inner());
-    match &result {
-        Ok(_) => last_runs.insert(key, (seen, started)),
-        // A failure is retried on the error policy's schedule, not held back.
-        Err(_) => last_runs.remove(&key),
-    };
-    drop(last_runs);
     result.map(|outcome| outcome.action)
 }
 
@@ -209,7 +187,7 @@ async fn reconcile_one(
 struct Reconciled {
     action: Action,
     /// The reason of a failed sync or rollout (a status condition reason).
-    failure: Option<&'static str>,
+    failure: Option<Reason>,
     rolled_back: bool,
     /// When the commit the cluster is now on was made.
     commit_time: Option<i64>,
@@ -246,11 +224,10 @@ async fn sync_gitsync(
     }
 
     if spec.suspend {
-        set_condition(
-            &mut status,
-            "Ready",
-            "False",
-            "Suspended",
+        status.set_condition(
+            ConditionType::Ready,
+            false,
+            Reason::Suspended,
             "spec.suspend is true; no changes are made",
             generation,
         );
@@ -267,46 +244,37 @@ async fn sync_gitsync(
         &namespace,
         &name,
         spec.secret_ref.as_ref(),
+        &context.ambient,
     )
     .await
     {
         Ok(creds) => creds,
         Err(e) => {
-            let (reason, message) = ("CredentialsUnavailable", e.to_string());
-            for (kind, value) in [("Ready", "False"), ("Stalled", "True")] {
-                set_condition(&mut status, kind, value, reason, &message, generation);
-            }
+            let message = e.to_string();
+            status.stall(Reason::CredentialsUnavailable, &message, generation);
             write_status(&api, &name, &status).await?;
             return Err(OperatorError::Credentials { message });
         }
     };
     let repo = spec.repo.clone();
     let cache = context.cache_dir.clone();
-    let source = tokio::task::spawn_blocking(move || GitSource::open_with(&repo, &cache, creds))
-        .await
-        .map_err(|e| OperatorError::Source {
-            repo: spec.repo.clone(),
-            message: e.to_string(),
-        })?;
-    let source = match source {
-        Ok(source) => source,
+    let rev = spec.rev.clone().or_else(|| spec.branch.clone());
+    let wanted = rev.clone();
+    // Opening fetches: blocking network work, off the async threads; the head comes back too.
+    let opened = tokio::task::spawn_blocking(move || {
+        let source = GitSource::open_with(&repo, &cache, creds)?;
+        let head = source.resolve(wanted.as_deref())?;
+        Ok::<_, crate::source::SourceError>((source, head))
+    })
+    .await
+    .map_err(|e| OperatorError::Source {
+        repo: spec.repo.clone(),
+        message: e.to_string(),
+    })?;
+    let (source, head) = match opened {
+        Ok(opened) => opened,
         Err(e) => {
-            set_condition(
-                &mut status,
-                "Ready",
-                "False",
-                "SourceUnavailable",
-                &e.to_string(),
-                generation,
-            );
-            set_condition(
-                &mut status,
-                "Stalled",
-                "True",
-                "SourceUnavailable",
-                &e.to_string(),
-                generation,
-            );
+            status.stall(Reason::SourceUnavailable, &e.to_string(), generation);
             write_status(&api, &name, &status).await?;
             return Err(OperatorError::Source {
                 repo: spec.repo.clone(),
@@ -314,9 +282,8 @@ async fn sync_gitsync(
             });
         }
     };
-    let rev = spec.rev.clone().or_else(|| spec.branch.clone());
     let target = Target {
-        rev,
+        rev: Some(head.sha.clone()),
         path: spec.path.clone(),
         namespace: Some(
             spec.target_namespace
@@ -325,7 +292,7 @@ async fn sync_gitsync(
         ),
         inventory: Some(inventory_of(gitsync)),
     };
-    let policy = Policy {
+    let base = Policy {
         prune: spec.prune,
         auto_rollback: spec.auto_rollback,
         // Self-heal means git wins over whoever edited an object.
@@ -340,92 +307,85 @@ async fn sync_gitsync(
             .collect(),
         ..Policy::default()
     };
-    let head = source
-        .resolve(target.rev.as_deref())
-        .map_err(ReconcileError::from)?;
-    // Without self-heal a commit already applied is only checked, never applied again.
-    let already_applied = status.last_applied_commit.as_deref() == Some(head.sha.as_str());
-    let policy = if already_applied && !spec.self_heal {
-        Policy {
-            dry_run: true,
-            ..policy
-        }
-    } else {
-        policy
-    };
-    let result = sync_on_blocking_thread(source, context.cluster.clone(), target, policy).await?;
+    // Every reconcile is a look: the controller calls it on a new spec or request, and again
+    // after each interval.
+    let step = continuous::next_step(continuous::State {
+        head: &head.sha,
+        applied: status.last_applied_commit.as_deref(),
+        since_last_look: None,
+        interval,
+        self_heal: spec.self_heal,
+    });
+    let policy = continuous::policy_for(&step, &base);
+    let mut cluster = context.cluster.clone();
+    let result = reconcile::sync(&source, &mut cluster, &target, &policy, &reconcile::Quiet).await;
+    // The source answered: an earlier fetch failure no longer stalls the GitSync.
+    status.set_condition(
+        ConditionType::Stalled,
+        false,
+        Reason::Reachable,
+        "",
+        generation,
+    );
     match result {
         Err(e) => {
-            let reason = match &e {
-                ReconcileError::Invalid { .. } => "InvalidCommit",
-                ReconcileError::PruneGuard { .. } => "PruneGuard",
-                ReconcileError::Pinned { .. } => "Pinned",
-                _ => "SyncFailed",
+            let reason = failure_reason(&e);
+            let message = match &e {
+                ReconcileError::Drift { drift, .. } => format!(
+                    "changed outside git: {}",
+                    drift
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+                other => other.to_string(),
             };
-            set_condition(
-                &mut status,
-                "Synced",
-                "False",
-                reason,
-                &e.to_string(),
-                generation,
-            );
-            set_condition(
-                &mut status,
-                "Ready",
-                "False",
-                reason,
-                &e.to_string(),
-                generation,
-            );
+            status.set_condition(ConditionType::Synced, false, reason, &message, generation);
+            status.set_condition(ConditionType::Ready, false, reason, &message, generation);
             write_status(&api, &name, &status).await?;
             Ok(Reconciled {
                 failure: Some(reason),
                 ..Reconciled::after(interval)
             })
         }
-        Ok(report) if report.dry_run => {
-            let drifted: Vec<String> = report
-                .plan
-                .changes
-                .iter()
-                .filter(|c| c.action.writes())
-                .map(|c| c.key.to_string())
-                .collect();
-            // The source was reachable again: an earlier fetch failure no longer stalls it.
-            set_condition(&mut status, "Stalled", "False", "Reachable", "", generation);
-            let healthy = status.health.as_deref() == Some("Healthy");
+        Ok(report) if step == NextStep::CheckDrift => {
+            let drifted = drift_summary(&report);
             if drifted.is_empty() {
-                set_condition(
-                    &mut status,
-                    "Synced",
-                    "True",
-                    "InSync",
+                status.set_condition(
+                    ConditionType::Synced,
+                    true,
+                    Reason::InSync,
                     "the cluster matches the commit",
                     generation,
                 );
-                if healthy {
+                if status.health.as_deref() == Some("Healthy") {
                     let commit = &report.plan.source.commit;
-                    set_condition(
-                        &mut status,
-                        "Ready",
-                        "True",
-                        "Ready",
-                        &format!("{} \"{}\"", commit.short_sha(), commit.subject),
+                    let message = format!("{} \"{}\"", commit.short_sha(), commit.subject);
+                    status.set_condition(
+                        ConditionType::Ready,
+                        true,
+                        Reason::Ready,
+                        &message,
                         generation,
                     );
                 }
             } else {
-                let message = format!("changed outside git: {}", drifted.join(", "));
-                set_condition(
-                    &mut status,
-                    "Synced",
-                    "False",
-                    "Drift",
+                let message = format!("changed outside git: {}", drifted.join("; "));
+                status.set_condition(
+                    ConditionType::Synced,
+                    false,
+                    Reason::Drift,
                     &message,
                     generation,
                 );
-                set_condition(&mut status, "Ready", "False", "Drift", &message, generation);
+                status.set_condition(
+                    ConditionType::Ready,
+                    false,
+                    Reason::Drift,
+                    &message,
+                    generation,
+                );
             }
             status.observed_generation = generation;
             write_status(&api, &name, &status).await?;
@@ -439,8 +399,8 @@ async fn sync_gitsync(
             write_status(&api, &name, &status).await?;
             Ok(Reconciled {
                 failure: match outcome {
-                    None => Some("FailedBefore"),
-                    Some(Outcome::Failed | Outcome::RolledBack) => Some("RolloutFailed"),
+                    None => Some(Reason::FailedBefore),
+                    Some(Outcome::Failed | Outcome::RolledBack) => Some(Reason::RolloutFailed),
                     Some(_) => None,
                 },
                 rolled_back: outcome == Some(Outcome::RolledBack),
@@ -451,32 +411,22 @@ async fn sync_gitsync(
     }
 }
 
-/// The controller spawns each reconcile, so its future must be `Send`, which the compiler
-/// cannot prove through the pipeline's borrowing stream combinators. The pipeline therefore runs
-/// on a blocking-pool thread of its own, driven by the runtime's handle; it only needs owned,
-/// `Send` inputs.
-async fn sync_on_blocking_thread(
-    source: GitSource,
-    mut cluster: Cluster,
-    target: Target,
-    policy: Policy,
-) -> Result<Result<reconcile::SyncReport, ReconcileError>, OperatorError> {
-    let handle = tokio::runtime::Handle::current();
-    let repo = source.display().to_string();
-    tokio::task::spawn_blocking(move || {
-        handle.block_on(reconcile::sync(
-            &source,
-            &mut cluster,
-            &target,
-            &policy,
-            &reconcile::Quiet,
-        ))
-    })
-    .await
-    .map_err(|e| OperatorError::Source {
-        repo,
-        message: format!("the sync task failed: {e}"),
-    })
+/// Each object a drift check found changed outside git: the fields others took over and who
+/// holds them, or what a sync would do to it (an object deleted by hand is created again).
+fn drift_summary(report: &reconcile::SyncReport) -> Vec<String> {
+    let mut drifted: Vec<String> = report.drift.iter().map(ToString::to_string).collect();
+    for change in report.plan.changes.iter().filter(|c| c.action.writes()) {
+        if report.drift.iter().any(|d| d.key == change.key) {
+            continue;
+        }
+        let what = match change.action {
+            PlanAction::Create => "missing from the cluster",
+            PlanAction::Prune => "left git but is still in the cluster",
+            _ => "differs from git",
+        };
+        drifted.push(format!("{} {}: {what}", change.kind, change.name));
+    }
+    drifted
 }
 
 /// When the commit the cluster is on after a sync was made (after a rollback: the one it went
@@ -511,11 +461,10 @@ fn record_report(
         })
         .collect();
     if let Some(skipped) = &report.skipped {
-        set_condition(
-            status,
-            "Synced",
-            "False",
-            "FailedBefore",
+        status.set_condition(
+            ConditionType::Synced,
+            false,
+            Reason::FailedBefore,
             skipped,
             generation,
         );
@@ -561,32 +510,37 @@ fn record_report(
     }
     match outcome {
         Outcome::Healthy | Outcome::Applied => {
-            set_condition(
-                status,
-                "Synced",
-                "True",
-                "Synced",
-                &format!("commit {} is applied", commit.short_sha()),
+            status.health = Some("Healthy".into());
+            let applied_message = format!("commit {} is applied", commit.short_sha());
+            let ready_message = format!("{} \"{}\"", commit.short_sha(), commit.subject);
+            status.set_condition(
+                ConditionType::Synced,
+                true,
+                Reason::Synced,
+                &applied_message,
                 generation,
             );
-            set_condition(
-                status,
-                "Healthy",
-                "True",
-                "Healthy",
+            status.set_condition(
+                ConditionType::Healthy,
+                true,
+                Reason::Healthy,
                 "every object is healthy",
                 generation,
             );
-            set_condition(
-                status,
-                "Ready",
-                "True",
-                "Ready",
-                &format!("{} \"{}\"", commit.short_sha(), commit.subject),
+            status.set_condition(
+                ConditionType::Ready,
+                true,
+                Reason::Ready,
+                &ready_message,
                 generation,
             );
-            set_condition(status, "Stalled", "False", "Progressing", "", generation);
-            status.health = Some("Healthy".into());
+            status.set_condition(
+                ConditionType::Stalled,
+                false,
+                Reason::Progressing,
+                "",
+                generation,
+            );
         }
         Outcome::RolledBack | Outcome::Failed => {
             let why = reason.unwrap_or_default();
@@ -595,23 +549,6 @@ fn record_report(
             } else {
                 "not rolled back".to_string()
             };
-            set_condition(
-                status,
-                "Synced",
-                "False",
-                "RolloutFailed",
-                &format!("commit {} failed ({verb}): {why}", commit.short_sha()),
-                generation,
-            );
-            set_condition(
-                status,
-                "Healthy",
-                "False",
-                "RolloutFailed",
-                &why,
-                generation,
-            );
-            set_condition(status, "Ready", "False", "RolloutFailed", &why, generation);
             status.health = Some(
                 if outcome == Outcome::RolledBack {
                     "Healthy"
@@ -620,38 +557,75 @@ fn record_report(
                 }
                 .into(),
             );
+            let message = format!("commit {} failed ({verb}): {why}", commit.short_sha());
+            status.set_condition(
+                ConditionType::Synced,
+                false,
+                Reason::RolloutFailed,
+                &message,
+                generation,
+            );
+            status.set_condition(
+                ConditionType::Healthy,
+                false,
+                Reason::RolloutFailed,
+                &why,
+                generation,
+            );
+            status.set_condition(
+                ConditionType::Ready,
+                false,
+                Reason::RolloutFailed,
+                &why,
+                generation,
+            );
         }
     }
     Some(outcome)
 }
 
-fn set_condition(
-    status: &mut GitSyncStatus,
-    kind: &str,
-    value: &str,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-) {
-    let now = audit::now_rfc3339();
-    match status.conditions.iter_mut().find(|c| c.type_ == kind) {
-        Some(existing) => {
-            if existing.status != value {
-                existing.last_transition_time = Some(now);
+impl GitSyncStatus {
+    /// Sets a condition observed at `generation`; its transition time changes only when its
+    /// status does.
+    fn set_condition(
+        &mut self,
+        kind: ConditionType,
+        value: bool,
+        reason: Reason,
+        message: &str,
+        generation: Option<i64>,
+    ) {
+        let now = audit::now_rfc3339();
+        let value = if value { "True" } else { "False" };
+        match self
+            .conditions
+            .iter_mut()
+            .find(|c| c.type_ == kind.as_str())
+        {
+            Some(existing) => {
+                if existing.status != value {
+                    existing.last_transition_time = Some(now);
+                }
+                existing.status = value.to_string();
+                existing.reason = reason.as_str().to_string();
+                existing.message = message.to_string();
+                existing.observed_generation = generation;
             }
-            existing.status = value.to_string();
-            existing.reason = reason.to_string();
-            existing.message = message.to_string();
-            existing.observed_generation = generation;
+            None => self.conditions.push(Condition {
+                type_: kind.as_str().to_string(),
+                status: value.to_string(),
+                reason: reason.as_str().to_string(),
+                message: message.to_string(),
+                last_transition_time: Some(now),
+                observed_generation: generation,
+            }),
         }
-        None => status.conditions.push(Condition {
-            type_: kind.to_string(),
-            status: value.to_string(),
-            reason: reason.to_string(),
-            message: message.to_string(),
-            last_transition_time: Some(now),
-            observed_generation: generation,
-        }),
+    }
+
+    /// Progress needs a person: not ready, and stalled, for the same reason.
+    fn stall(&mut self, reason: Reason, message: &str, generation: Option<i64>) {
+        self.set_condition(ConditionType::Ready, false, reason, message, generation);
+        self.set_condition(ConditionType::Stalled, true, reason, message, generation);
     }
 }
 
@@ -685,9 +659,15 @@ mod tests {
     #[test]
     fn conditions_change_their_transition_time_only_when_their_status_changes() {
         let mut status = GitSyncStatus::default();
-        set_condition(&mut status, "Ready", "False", "Suspended", "", Some(1));
+        status.set_condition(ConditionType::Ready, false, Reason::Suspended, "", Some(1));
         let first = status.conditions[0].last_transition_time.clone();
-        set_condition(&mut status, "Ready", "False", "Suspended", "again", Some(2));
+        status.set_condition(
+            ConditionType::Ready,
+            false,
+            Reason::Suspended,
+            "again",
+            Some(2),
+        );
         assert_eq!(status.conditions[0].last_transition_time, first);
         assert_eq!(status.conditions[0].observed_generation, Some(2));
         assert_eq!(status.conditions.len(), 1);

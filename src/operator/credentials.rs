@@ -14,7 +14,9 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
 use super::SecretRef;
-use crate::source::{GitCredentials, GivenCredentials, KnownHosts, KnownHostsError, SecretString};
+use crate::source::{
+    AmbientCredentials, GitCredentials, GivenCredentials, KnownHosts, KnownHostsError, SecretString,
+};
 
 /// Keys holding an https token, in order of preference.
 const TOKEN_KEYS: [&str; 2] = ["token", "password"];
@@ -108,9 +110,10 @@ pub async fn credentials_for(
     namespace: &str,
     gitsync: &str,
     secret_ref: Option<&SecretRef>,
+    ambient: &AmbientCredentials,
 ) -> Result<GitCredentials, CredentialsError> {
     let Some(secret_ref) = secret_ref else {
-        return Ok(GitCredentials::Ambient);
+        return Ok(GitCredentials::Ambient(ambient.clone()));
     };
     let error = |problem| CredentialsError {
         gitsync: format!("{namespace}/{gitsync}"),

@@ -62,11 +62,10 @@ pub struct Campaign {
     task: JoinHandle<()>,
 }
 
-/// A replica's identity: its pod name (or host name) and a suffix that tells restarts apart.
-pub fn default_identity() -> String {
-    let host = std::env::var("POD_NAME")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .ok()
+/// A replica's identity: its pod name (or host name, as the caller read them) and a suffix that
+/// tells restarts apart.
+pub fn identity_for(host: Option<String>) -> String {
+    let host = host
         .filter(|h| !h.is_empty())
         .or_else(|| {
             std::fs::read_to_string("/etc/hostname")

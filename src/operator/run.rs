@@ -14,6 +14,7 @@ use super::http::{self, ServerState};
 use super::leader::{Campaign, LeaderError, Leadership, LeaseSettings};
 use super::metrics::Metrics;
 use crate::cluster::Cluster;
+use crate::source::AmbientCredentials;
 
 /// How long a stopping operator lets the reconciles in flight finish. A cut one is safe: the
 /// next leader sees the applied commit and waits for its rollout without applying it again.
@@ -27,6 +28,8 @@ pub struct OperatorOptions {
     pub lease: Option<LeaseSettings>,
     pub webhook_secret: Option<Vec<u8>>,
     pub cache_dir: PathBuf,
+    /// Git credentials for GitSyncs without a `secretRef`.
+    pub ambient: AmbientCredentials,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +69,12 @@ pub async fn run(cluster: Cluster, options: OperatorOptions) -> Result<(), RunEr
     let server = tokio::spawn(async move { server.await });
     ready.store(true, Ordering::Relaxed);
 
-    let context = Arc::new(controller::Context::new(
+    let context = Arc::new(controller::Context {
         cluster,
-        options.cache_dir,
-        metrics.clone(),
-    ));
+        cache_dir: options.cache_dir,
+        ambient: options.ambient,
+        metrics: metrics.clone(),
+    });
     let outcome = match options.lease {
         None => {
             metrics.set_leader(true);

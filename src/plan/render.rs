@@ -181,10 +181,10 @@ pub fn render_markdown(plan: &Plan) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::commit::CommitInfo;
     use crate::manifest::Origin;
     use crate::object::ObjectKey;
     use crate::plan::PlanSource;
-    use crate::source::CommitInfo;
 
     fn plan() -> Plan {
         let change = |action, kind: &str, name: &str, diff: &str| {

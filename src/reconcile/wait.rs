@@ -72,6 +72,8 @@ pub struct ObjectHealth {
     pub health: Health,
     pub message: String,
     #[serde(skip)]
+    pub past_deadline: bool,
+    #[serde(skip)]
     pub key: ObjectKey,
 }
 
@@ -127,7 +129,11 @@ where
     }
 
     async fn wait_until_ready(&self) {
-        futures::future::join_all(self.0.iter().map(|store| store.wait_until_ready())).await;
+        // One after the other: they fill in parallel anyway, and a closure returning a borrowing
+        // future would keep the whole sync from being provably `Send` (rust-lang/rust#102211).
+        for store in &self.0 {
+            let _ = store.wait_until_ready().await;
+        }
     }
 }
 
@@ -310,6 +316,7 @@ async fn evaluate(
                 name: key.name.clone(),
                 health: verdict.health,
                 message: verdict.message,
+                past_deadline: verdict.past_deadline,
                 key: key.clone(),
             },
             signals,
@@ -319,10 +326,7 @@ async fn evaluate(
 }
 
 fn verdict(health: Health, message: &str) -> Verdict {
-    Verdict {
-        health,
-        message: message.to_string(),
-    }
+    Verdict::new(health, message)
 }
 
 /// The health of the objects right now, without waiting.
@@ -415,8 +419,7 @@ pub async fn wait_healthy(
                 );
                 let since = *first_seen.entry(id.clone()).or_insert(now);
                 seen_now.push(id);
-                let deadline_passed = health.message.contains("progress deadline");
-                if now.duration_since(since) >= options.fail_after || deadline_passed {
+                if now.duration_since(since) >= options.fail_after || health.past_deadline {
                     return Ok(WaitOutcome::Failed {
                         object: health.key.to_string(),
                         reason: signal.to_string(),

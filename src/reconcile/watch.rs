@@ -8,6 +8,7 @@ use std::time::Duration;
 use notify_debouncer_full::notify::RecursiveMode;
 use tokio::sync::mpsc;
 
+use super::continuous::{self, NextStep};
 use super::{Policy, Progress, ReconcileError, SyncReport, Target, sync};
 use crate::cluster::Cluster;
 use crate::plan::Plan;
@@ -34,7 +35,8 @@ pub enum WatchEvent {
     Error { message: String, retry_in: Duration },
 }
 
-/// Runs until `shutdown` completes.
+/// Runs until `shutdown` completes. What to do at each look is [`continuous::next_step`], the
+/// same rule the operator follows.
 pub async fn watch(
     source: &GitSource,
     cluster: &mut Cluster,
@@ -45,7 +47,6 @@ pub async fn watch(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ReconcileError> {
     tokio::pin!(shutdown);
-    let policy = &options.policy;
     let (trigger, mut triggered) = mpsc::unbounded_channel::<()>();
     // Keep the watcher alive for the whole loop.
     let _watcher = if source.is_local() {
@@ -56,7 +57,7 @@ pub async fn watch(
     let mut synced: Option<String> = None;
     let mut failures: u32 = 0;
     let mut wait = Duration::ZERO;
-    let mut last_drift_check = tokio::time::Instant::now();
+    let mut last_look = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = &mut shutdown => return Ok(()),
@@ -67,7 +68,7 @@ pub async fn watch(
             () = tokio::time::sleep(wait) => {}
         }
         if !source.is_local() {
-            match tokio::task::block_in_place(|| source.fetch()) {
+            match source.blocking(|git| git.fetch()).await {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
@@ -82,7 +83,11 @@ pub async fn watch(
             }
         }
         wait = options.interval;
-        let head = match source.resolve(target.rev.as_deref()) {
+        let rev = target.rev.clone();
+        let head = match source
+            .blocking(move |git| git.resolve(rev.as_deref()))
+            .await
+        {
             Ok(head) => head,
             Err(e) => {
                 on_event(WatchEvent::Error {
@@ -92,78 +97,74 @@ pub async fn watch(
                 continue;
             }
         };
-        if synced.as_deref() != Some(head.sha.as_str()) {
-            let pinned_target = Target {
-                rev: Some(head.sha.clone()),
-                ..target.clone()
-            };
-            match sync(source, cluster, &pinned_target, policy, progress).await {
-                Ok(report) => {
-                    synced = Some(head.sha.clone());
-                    last_drift_check = tokio::time::Instant::now();
-                    on_event(WatchEvent::Synced(Box::new(report)));
-                }
-                // A commit that cannot be applied stays unapplied until git moves on.
-                Err(e @ ReconcileError::Invalid { .. }) => {
-                    synced = Some(head.sha.clone());
-                    on_event(WatchEvent::Error {
-                        message: e.to_string(),
-                        retry_in: wait,
-                    });
-                }
-                Err(e) => {
-                    failures += 1;
-                    wait = backoff(options.interval, failures);
-                    on_event(WatchEvent::Error {
-                        message: e.to_string(),
-                        retry_in: wait,
-                    });
-                }
-            }
-            continue;
-        }
-        // Same commit: look for drift once per interval.
-        if last_drift_check.elapsed() < options.interval {
-            continue;
-        }
-        last_drift_check = tokio::time::Instant::now();
+        let step = continuous::next_step(continuous::State {
+            head: &head.sha,
+            applied: synced.as_deref(),
+            since_last_look: Some(last_look.elapsed()),
+            interval: options.interval,
+            self_heal: options.self_heal,
+        });
+        let policy = continuous::policy_for(&step, &options.policy);
         let pinned_target = Target {
             rev: Some(head.sha.clone()),
             ..target.clone()
         };
-        // Whoever edited a synced object now owns those fields; git wins, so drift is seen
-        // (and healed) with force, where a plain apply would stop at the conflict.
-        let heal = Policy {
-            force_conflicts: true,
-            ..policy.clone()
-        };
-        let check = Policy {
-            dry_run: true,
-            ..heal.clone()
-        };
-        match sync(source, cluster, &pinned_target, &check, progress).await {
-            Ok(report) if report.plan.summary().has_changes() => {
-                let healed = options.self_heal
-                    && match sync(source, cluster, &pinned_target, &heal, progress).await {
-                        Ok(_) => true,
-                        Err(e) => {
-                            on_event(WatchEvent::Error {
-                                message: format!("self-heal failed: {e}"),
-                                retry_in: wait,
-                            });
-                            false
-                        }
-                    };
-                on_event(WatchEvent::Drift {
-                    plan: Box::new(report.plan),
-                    healed,
-                });
+        match step {
+            NextStep::Wait(left) => {
+                wait = left;
+                continue;
             }
-            Ok(_) => {}
-            Err(e) => on_event(WatchEvent::Error {
-                message: format!("drift check failed: {e}"),
-                retry_in: wait,
-            }),
+            NextStep::SyncCommit => {
+                match sync(source, cluster, &pinned_target, &policy, progress).await {
+                    Ok(report) => {
+                        synced = Some(head.sha.clone());
+                        last_look = tokio::time::Instant::now();
+                        on_event(WatchEvent::Synced(Box::new(report)));
+                    }
+                    // A commit that cannot be applied stays unapplied until git moves on.
+                    Err(e @ ReconcileError::Invalid { .. }) => {
+                        synced = Some(head.sha.clone());
+                        on_event(WatchEvent::Error {
+                            message: e.to_string(),
+                            retry_in: wait,
+                        });
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        wait = backoff(options.interval, failures);
+                        on_event(WatchEvent::Error {
+                            message: e.to_string(),
+                            retry_in: wait,
+                        });
+                    }
+                }
+            }
+            NextStep::CheckDrift | NextStep::HealDrift => {
+                last_look = tokio::time::Instant::now();
+                let healing = step == NextStep::HealDrift;
+                match sync(source, cluster, &pinned_target, &policy, progress).await {
+                    Ok(report) if healing && !report.applied.is_empty() => {
+                        on_event(WatchEvent::Drift {
+                            plan: Box::new(report.plan),
+                            healed: true,
+                        })
+                    }
+                    Ok(report) if !healing && report.plan.summary().has_changes() => {
+                        on_event(WatchEvent::Drift {
+                            plan: Box::new(report.plan),
+                            healed: false,
+                        })
+                    }
+                    Ok(_) => {}
+                    Err(e) => on_event(WatchEvent::Error {
+                        message: format!(
+                            "{} failed: {e}",
+                            if healing { "self-heal" } else { "drift check" }
+                        ),
+                        retry_in: wait,
+                    }),
+                }
+            }
         }
     }
 }
@@ -193,7 +194,7 @@ fn watch_git_dir(
     >,
     ReconcileError,
 > {
-    let git_dir = source.repo().path().to_path_buf();
+    let git_dir = source.git_dir();
     let mut debouncer = notify_debouncer_full::new_debouncer(
         Duration::from_millis(200),
         None,

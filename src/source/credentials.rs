@@ -7,7 +7,6 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::path::Path;
 use std::rc::Rc;
 
 use base64::Engine as _;
@@ -41,15 +40,32 @@ impl fmt::Display for SecretString {
 }
 
 /// How kommit authenticates to a remote repository.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub enum GitCredentials {
-    /// This machine's credentials, what the CLI uses: `KOMMIT_GIT_TOKEN` (and
-    /// `KOMMIT_GIT_USERNAME`) for https, `KOMMIT_GIT_SSH_KEY` or an ssh agent for ssh, else git's
-    /// credential helper; ssh host keys are checked against `~/.ssh/known_hosts`.
-    #[default]
-    Ambient,
+    /// This machine's credentials, what the CLI uses: the token or key the binary read from its
+    /// environment at start-up, else an ssh agent for ssh and git's credential helper for https;
+    /// ssh host keys are checked against `~/.ssh/known_hosts`.
+    Ambient(AmbientCredentials),
     /// Credentials given explicitly, such as those of a GitSync's Secret.
     Given(GivenCredentials),
+}
+
+impl Default for GitCredentials {
+    fn default() -> Self {
+        GitCredentials::Ambient(AmbientCredentials::default())
+    }
+}
+
+/// What the machine kommit runs on offers besides an ssh agent and git's credential helper. The
+/// binary fills it from `KOMMIT_GIT_TOKEN`, `KOMMIT_GIT_USERNAME` and `KOMMIT_GIT_SSH_KEY`; the
+/// library never reads the environment itself.
+#[derive(Clone, Default)]
+pub struct AmbientCredentials {
+    /// A private key file for ssh URLs.
+    pub ssh_key: Option<std::path::PathBuf>,
+    /// A token for https URLs, with the user name to send it as (`git` when unset).
+    pub https_token: Option<SecretString>,
+    pub https_username: Option<String>,
 }
 
 /// Explicit credentials: a token for https URLs, an ssh key (with the known_hosts to check the
@@ -138,7 +154,12 @@ impl From<GivenCredentials> for GitCredentials {
 impl fmt::Debug for GitCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            GitCredentials::Ambient => f.write_str("Ambient"),
+            GitCredentials::Ambient(ambient) => f
+                .debug_struct("Ambient")
+                .field("ssh_key", &ambient.ssh_key)
+                .field("https_token", &ambient.https_token)
+                .field("https_username", &ambient.https_username)
+                .finish(),
             GitCredentials::Given(given) => f.debug_tuple("Given").field(given).finish(),
         }
     }
@@ -166,7 +187,7 @@ impl fmt::Debug for GivenCredentials {
 impl fmt::Display for GitCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            GitCredentials::Ambient => f.write_str("this machine's git credentials"),
+            GitCredentials::Ambient(_) => f.write_str("this machine's git credentials"),
             GitCredentials::Given(given) => {
                 let mut kinds = Vec::new();
                 if let Some(https) = &given.https {
@@ -188,7 +209,7 @@ impl GitCredentials {
     /// What to check when a fetch fails, for the end of its error message.
     pub(crate) fn hint(&self) -> String {
         match self {
-            GitCredentials::Ambient => "check the URL, the network and the credentials \
+            GitCredentials::Ambient(_) => "check the URL, the network and the credentials \
                 (KOMMIT_GIT_TOKEN for https, an ssh agent or KOMMIT_GIT_SSH_KEY for ssh)"
                 .to_string(),
             GitCredentials::Given(given) => format!(
@@ -223,7 +244,7 @@ impl GitCredentials {
     ) -> (git2::RemoteCallbacks<'_>, Rc<RefCell<Option<String>>>) {
         let failure = Rc::new(RefCell::new(None));
         let callbacks = match self {
-            GitCredentials::Ambient => ambient_callbacks(),
+            GitCredentials::Ambient(ambient) => ambient_callbacks(ambient.clone()),
             GitCredentials::Given(given) => given.callbacks(url, failure.clone()),
         };
         (callbacks, failure)
@@ -342,7 +363,7 @@ impl GivenCredentials {
 }
 
 /// The behaviour kommit always had on the command line: environment, ssh agent, credential helper.
-fn ambient_callbacks() -> git2::RemoteCallbacks<'static> {
+fn ambient_callbacks(ambient: AmbientCredentials) -> git2::RemoteCallbacks<'static> {
     let mut callbacks = git2::RemoteCallbacks::new();
     let mut attempts = 0;
     callbacks.credentials(move |url, username, allowed| {
@@ -355,15 +376,18 @@ fn ambient_callbacks() -> git2::RemoteCallbacks<'static> {
         }
         let user = username.unwrap_or("git");
         if allowed.contains(git2::CredentialType::SSH_KEY) {
-            if let Some(key) = std::env::var_os("KOMMIT_GIT_SSH_KEY") {
-                return git2::Cred::ssh_key(user, None, Path::new(&key), None);
+            if let Some(key) = &ambient.ssh_key {
+                return git2::Cred::ssh_key(user, None, key, None);
             }
             return git2::Cred::ssh_key_from_agent(user);
         }
         if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
-            if let Ok(token) = std::env::var("KOMMIT_GIT_TOKEN") {
-                let name = std::env::var("KOMMIT_GIT_USERNAME").unwrap_or_else(|_| "git".into());
-                return git2::Cred::userpass_plaintext(&name, &token);
+            if let Some(token) = &ambient.https_token {
+                let name = ambient
+                    .https_username
+                    .as_deref()
+                    .unwrap_or(DEFAULT_TOKEN_USERNAME);
+                return git2::Cred::userpass_plaintext(name, token.expose());
             }
             if let Ok(config) = git2::Config::open_default() {
                 return git2::Cred::credential_helper(&config, url, username);
@@ -943,7 +967,7 @@ mod tests {
             "{explained}"
         );
         assert_eq!(
-            GitCredentials::Ambient.explain("private key"),
+            GitCredentials::default().explain("private key"),
             "private key"
         );
         assert!(!credentials.hint().contains(TOKEN));

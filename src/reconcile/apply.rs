@@ -1,0 +1,288 @@
+//! Step four: carry a decision out. Namespaces and CRDs first, workloads last, prunes in the
+//! reverse order; each object carries the commit that last changed its file. Between two writes
+//! the future may be dropped, and nothing more is written.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt, stream};
+use serde_json::Value;
+
+use super::inventory::entry_map;
+use super::{CONCURRENCY, Policy, Prepared, ReconcileError};
+use crate::cluster::{Cluster, ClusterError, ResourceType};
+use crate::commit::CommitInfo;
+use crate::object::{
+    self, AUTHOR_ANNOTATION, CHANGE_CAUSE_ANNOTATION, COMMIT_ANNOTATION, DATE_ANNOTATION,
+    FILE_ANNOTATION, ObjectKey, SUBJECT_ANNOTATION,
+};
+use crate::plan::{Action, Step};
+use crate::source::GitSource;
+
+/// How far back to look for the commit that last changed a file.
+const ATTRIBUTION_DEPTH: usize = 5_000;
+
+/// The commit that last changed each file the plan writes (one walk of the history, off the
+/// async threads).
+pub(super) async fn attribution(
+    source: &GitSource,
+    prepared: &Prepared,
+) -> Result<HashMap<String, CommitInfo>, ReconcileError> {
+    let files: Vec<String> = prepared
+        .steps
+        .iter()
+        .filter(|s| s.action.writes() && s.action != Action::Prune)
+        .filter_map(|s| s.origin.as_ref().map(|o| o.file.clone()))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    if files.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let commit = prepared.plan.source.commit.clone();
+    Ok(source
+        .blocking(move |git| git.last_changes(&commit, &files, ATTRIBUTION_DEPTH))
+        .await?)
+}
+
+/// Applies every writing step; returns what was done, in order.
+pub(super) async fn apply_steps(
+    cluster: &mut Cluster,
+    prepared: &Prepared,
+    attribution: &HashMap<String, CommitInfo>,
+    policy: &Policy,
+) -> Result<Vec<(Action, ObjectKey)>, ReconcileError> {
+    let commit = &prepared.plan.source.commit;
+    let writes: Vec<&Step> = prepared
+        .steps
+        .iter()
+        .filter(|s| s.action.writes())
+        .collect();
+    let total = writes.len();
+    let mut applied: Vec<(Action, ObjectKey)> = Vec::with_capacity(total);
+    let failed = |applied: &[(Action, ObjectKey)], key: &ObjectKey, source: ClusterError| {
+        ReconcileError::ApplyFailed {
+            commit: commit.short_sha().to_string(),
+            object: key.to_string(),
+            applied: applied.len(),
+            total,
+            source: Box::new(source),
+        }
+    };
+
+    let mut tiers: BTreeMap<u8, Vec<&Step>> = BTreeMap::new();
+    for step in writes.iter().filter(|s| s.action != Action::Prune) {
+        tiers
+            .entry(object::apply_tier(&step.key.group, &step.key.kind))
+            .or_default()
+            .push(step);
+    }
+    let mut applied_crds = false;
+    for (tier, steps) in tiers {
+        if applied_crds {
+            wait_for_new_kinds(cluster, &steps).await?;
+            applied_crds = false;
+        }
+        let cluster_now = &*cluster;
+        let writes: Vec<_> = steps
+            .iter()
+            .map(|step| write_one(cluster_now, step, commit, attribution, policy).boxed())
+            .collect();
+        let results: Vec<Result<(Action, ObjectKey), (ObjectKey, ClusterError)>> =
+            stream::iter(writes)
+                .buffer_unordered(CONCURRENCY)
+                .collect()
+                .await;
+        let mut failure = None;
+        for result in results {
+            match result {
+                Ok(done) => {
+                    tracing::info!(object = %done.1, action = done.0.verb(), "applied");
+                    applied.push(done);
+                }
+                Err(e) if failure.is_none() => failure = Some(e),
+                Err((key, e)) => tracing::error!(object = %key, error = %e, "apply failed"),
+            }
+        }
+        if let Some((key, source)) = failure {
+            return Err(failed(&applied, &key, source));
+        }
+        if tier == 1 {
+            applied_crds = true;
+        }
+    }
+
+    let mut prunes: Vec<&Step> = writes
+        .iter()
+        .copied()
+        .filter(|s| s.action == Action::Prune)
+        .collect();
+    prunes.sort_by_key(|s| std::cmp::Reverse(object::apply_tier(&s.key.group, &s.key.kind)));
+    for step in prunes {
+        let rt = step
+            .resource
+            .as_ref()
+            .expect("prunes come from live objects");
+        match cluster.delete(rt, &step.key).await {
+            Ok(_) => {
+                tracing::info!(object = %step.key, "pruned");
+                applied.push((Action::Prune, step.key.clone()));
+            }
+            Err(source) => return Err(failed(&applied, &step.key, source)),
+        }
+    }
+    Ok(applied)
+}
+
+async fn write_one(
+    cluster: &Cluster,
+    step: &Step,
+    commit: &CommitInfo,
+    attribution: &HashMap<String, CommitInfo>,
+    policy: &Policy,
+) -> Result<(Action, ObjectKey), (ObjectKey, ClusterError)> {
+    let fail = |e| (step.key.clone(), e);
+    let rt = match &step.resource {
+        Some(rt) => rt.clone(),
+        None => cluster
+            .resolve(&step.api_version, &step.key.kind)
+            .map_err(fail)?,
+    };
+    let body = attributed_body(step, commit, attribution);
+    write(cluster, &rt, step, &body, policy)
+        .await
+        .map(|()| (step.action, step.key.clone()))
+        .map_err(fail)
+}
+
+/// Adds the commit that last changed the object's file, so the cluster says which commit put it
+/// there; Deployments also get `kubernetes.io/change-cause` for `kubectl rollout history`.
+fn attributed_body(
+    step: &Step,
+    commit: &CommitInfo,
+    attribution: &HashMap<String, CommitInfo>,
+) -> Value {
+    let mut body = step.body.clone().unwrap_or(Value::Null);
+    let origin = step.origin.as_ref();
+    let by = origin
+        .and_then(|o| attribution.get(&o.file))
+        .unwrap_or(commit);
+    if let Some(metadata) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+        let annotations = entry_map(metadata, "annotations");
+        annotations.insert(COMMIT_ANNOTATION.into(), by.sha.clone().into());
+        annotations.insert(
+            AUTHOR_ANNOTATION.into(),
+            format!("{} <{}>", by.author, by.email).into(),
+        );
+        annotations.insert(DATE_ANNOTATION.into(), by.time_rfc3339().into());
+        annotations.insert(SUBJECT_ANNOTATION.into(), by.subject.clone().into());
+        if let Some(origin) = origin {
+            annotations.insert(FILE_ANNOTATION.into(), origin.to_string().into());
+        }
+        if step.key.is_kind("apps", "Deployment") {
+            annotations.insert(
+                CHANGE_CAUSE_ANNOTATION.into(),
+                format!("{} {}", by.short_sha(), by.subject).into(),
+            );
+        }
+    }
+    body
+}
+
+async fn write(
+    cluster: &Cluster,
+    rt: &ResourceType,
+    step: &Step,
+    body: &Value,
+    policy: &Policy,
+) -> Result<(), ClusterError> {
+    if step.action == Action::Replace {
+        cluster.delete(rt, &step.key).await?;
+        cluster
+            .wait_gone(
+                rt,
+                &step.key,
+                step.live_uid.as_deref(),
+                Duration::from_secs(120),
+            )
+            .await?;
+    }
+    cluster
+        .apply(rt, &step.key, body, false, policy.force_conflicts)
+        .await
+        .map(|_| ())
+}
+
+/// After CRDs were applied: wait until the API serves the kinds the next steps need.
+async fn wait_for_new_kinds(cluster: &mut Cluster, steps: &[&Step]) -> Result<(), ReconcileError> {
+    if steps.iter().all(|s| s.resource.is_some()) {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        cluster.refresh_discovery().await?;
+        let missing: Vec<&Step> = steps
+            .iter()
+            .copied()
+            .filter(|s| s.resource.is_none())
+            .filter(|s| cluster.resolve(&s.api_version, &s.key.kind).is_err())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ClusterError::Timeout {
+                object: missing[0].key.to_string(),
+                what: "its CustomResourceDefinition is established",
+                seconds: 60,
+            }
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Origin;
+    use serde_json::json;
+
+    #[test]
+    fn deployments_get_a_change_cause_from_the_commit_that_changed_their_file() {
+        let step = Step {
+            action: Action::Update,
+            key: ObjectKey::new("apps", "Deployment", Some("shop"), "web"),
+            api_version: "apps/v1".into(),
+            resource: None,
+            body: Some(json!({"metadata": {"name": "web"}})),
+            origin: Some(Origin {
+                file: "deploy/web.yaml".into(),
+                document: 0,
+                line: 1,
+            }),
+            live_uid: None,
+        };
+        let head = CommitInfo {
+            sha: "b".repeat(40),
+            author: "Bo".into(),
+            email: "bo@x".into(),
+            time: 0,
+            subject: "Docs".into(),
+        };
+        let changed_it = CommitInfo {
+            sha: "a".repeat(40),
+            author: "Ada".into(),
+            email: "ada@x".into(),
+            time: 0,
+            subject: "Bump web".into(),
+        };
+        let attribution = HashMap::from([("deploy/web.yaml".to_string(), changed_it)]);
+        let body = attributed_body(&step, &head, &attribution);
+        let annotations = &body["metadata"]["annotations"];
+        assert_eq!(annotations[COMMIT_ANNOTATION], "a".repeat(40));
+        assert_eq!(annotations[CHANGE_CAUSE_ANNOTATION], "aaaaaaa Bump web");
+        assert_eq!(annotations[AUTHOR_ANNOTATION], "Ada <ada@x>");
+        assert_eq!(annotations[FILE_ANNOTATION], "deploy/web.yaml:1");
+    }
+}

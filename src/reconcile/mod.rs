@@ -1,0 +1,665 @@
+//! The pipeline for one (repository, revision, path, cluster), as steps that read one way:
+//! load the commit (`load`) → observe the cluster (`observe`, `inventory`) → decide (pure, in
+//! `plan::decide`) → apply (`apply`) → wait for health (`wait`) → write it down (`record`).
+//! All or nothing up to the first write; `sync` below is the short driver over those steps.
+//! `continuous` is the one policy for keeping a cluster on a branch, shared by `watch` and the
+//! operator.
+
+use std::collections::HashMap;
+
+use crate::audit::{self, Outcome, RecordStore};
+use crate::cluster::{Cluster, ClusterError};
+use crate::commit::CommitInfo;
+use crate::object::ObjectKey;
+use crate::plan::decide::{self, PruneGuard};
+use crate::plan::{Action, Drifted, Plan, Problem, Step};
+use crate::source::{GitSource, SourceError};
+
+mod apply;
+pub mod continuous;
+mod history;
+mod inventory;
+mod load;
+mod observe;
+mod record;
+pub mod wait;
+pub mod watch;
+
+pub use history::{Revision, history, load_record};
+pub use inventory::inventory_id;
+pub use load::{Loaded, load};
+pub use wait::{ObjectHealth, Progress, Quiet, WaitOptions, WaitOutcome, Watched};
+pub use watch::{WatchEvent, WatchOptions};
+
+use record::Journal;
+
+/// How many API requests run at once.
+const CONCURRENCY: usize = 16;
+
+/// What to reconcile: a path of a repository at a revision.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    pub rev: Option<String>,
+    pub path: String,
+    /// Namespace for namespaced objects that name none (default: the kubeconfig's).
+    pub namespace: Option<String>,
+    /// Name of the inventory; default: derived from the repository and path.
+    pub inventory: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub prune: bool,
+    pub dry_run: bool,
+    /// Take over fields other managers hold; without it they are drift, and a sync that would
+    /// write them stops before writing anything.
+    pub force_conflicts: bool,
+    pub max_prune: usize,
+    pub allow_mass_prune: bool,
+    /// Wait for health after applying (`None`: do not wait).
+    pub wait: Option<WaitOptions>,
+    /// When the rollout fails, re-apply the last healthy commit.
+    pub auto_rollback: bool,
+    /// In a local repository, also commit a `git revert` of a commit whose rollout failed.
+    pub revert_on_failure: bool,
+    /// Apply a commit even though its rollout failed before.
+    pub retry_failed: bool,
+    /// Follow the branch again after `kommit rollback --to` pinned the cluster.
+    pub unpin: bool,
+    /// Write each outcome as a git note under refs/notes/kommit (local repositories).
+    pub record_notes: bool,
+    /// Namespaces that may hold objects to prune besides those of the commit's objects (where
+    /// the source's objects were before); searched when kommit may not list cluster-wide.
+    pub prune_namespaces: Vec<String>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            prune: false,
+            dry_run: false,
+            force_conflicts: false,
+            max_prune: 10,
+            allow_mass_prune: false,
+            wait: None,
+            auto_rollback: false,
+            revert_on_failure: false,
+            retry_failed: false,
+            unpin: false,
+            record_notes: false,
+            prune_namespaces: Vec::new(),
+        }
+    }
+}
+
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(
+        "commit {commit} cannot be applied; nothing was changed in the cluster. {}:\n{}",
+        count(problems.len(), "problem"),
+        problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n")
+    )]
+    Invalid {
+        commit: String,
+        problems: Vec<Problem>,
+    },
+    #[error(
+        "commit {commit} was not applied: fields of {} are held by other field managers \
+         (changed outside git); nothing was changed in the cluster:\n{}\nRe-run with \
+         --force-conflicts (in a GitSync: selfHeal) to take them back, or remove them from the \
+         manifests",
+        count(drift.len(), "object"),
+        drift.iter().map(|d| format!("  - {d}")).collect::<Vec<_>>().join("\n")
+    )]
+    Drift { commit: String, drift: Vec<Drifted> },
+    #[error(
+        "refusing to prune {} ({}); nothing was changed. If this is intended, re-run with \
+         --max-prune {} or --allow-mass-prune; if not, check --path, --rev and --namespace",
+        count(.0.count, "object"), .0.reason, .0.count
+    )]
+    PruneGuard(PruneGuard),
+    #[error(
+        "the cluster is pinned to commit {pinned} (\"{subject}\") by `kommit rollback`; run \
+         `kommit sync --unpin` to follow the branch again"
+    )]
+    Pinned { pinned: String, subject: String },
+    #[error(
+        "sync of commit {commit} stopped at {object}: {source}; {applied} of {total} changes were \
+         made before it. Fix the cause and sync again: kommit continues from the live state"
+    )]
+    ApplyFailed {
+        commit: String,
+        object: String,
+        applied: usize,
+        total: usize,
+        #[source]
+        source: Box<ClusterError>,
+    },
+}
+
+/// A decision together with what carrying it out takes.
+pub struct Prepared {
+    pub plan: Plan,
+    pub inventory: String,
+    /// How many live objects carry this source's inventory (prunes included).
+    pub live_inventory: usize,
+    /// Objects whose fields other managers took over (empty when conflicts are forced).
+    pub drift: Vec<Drifted>,
+    steps: Vec<Step>,
+    api_version_of: HashMap<ObjectKey, String>,
+}
+
+impl Prepared {
+    /// The apiVersion an object was planned with.
+    pub fn api_version(&self, key: &ObjectKey) -> String {
+        self.api_version_of
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| "v1".to_string())
+    }
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("plan", &self.plan)
+            .finish()
+    }
+}
+
+/// The outcome of a sync.
+#[derive(Debug)]
+pub struct SyncReport {
+    pub plan: Plan,
+    /// The changes made, in the order they were made.
+    pub applied: Vec<(Action, ObjectKey)>,
+    pub dry_run: bool,
+    /// Objects whose fields other managers hold (only reported by dry runs: a sync that finds
+    /// any stops with [`ReconcileError::Drift`]).
+    pub drift: Vec<Drifted>,
+    /// The health of what was applied, when the sync waited for it.
+    pub rollout: Option<WaitOutcome>,
+    /// Set when the rollout failed and the last healthy commit was applied again.
+    pub rollback: Option<Rollback>,
+    /// Set when the commit was not applied because its rollout failed before.
+    pub skipped: Option<String>,
+    /// Deployments whose template went back to an earlier revision: (object, the commit that
+    /// first rolled that revision out).
+    pub returned_to: Vec<(ObjectKey, String)>,
+    /// The `git revert` commit made for a failed commit (`--revert-on-failure`).
+    pub reverted: Option<CommitInfo>,
+}
+
+impl SyncReport {
+    fn new(plan: Plan, applied: Vec<(Action, ObjectKey)>) -> Self {
+        SyncReport {
+            plan,
+            applied,
+            dry_run: false,
+            drift: Vec::new(),
+            rollout: None,
+            rollback: None,
+            skipped: None,
+            returned_to: Vec::new(),
+            reverted: None,
+        }
+    }
+
+    /// True when the commit's rollout failed (whether or not it was rolled back).
+    pub fn failed(&self) -> bool {
+        self.skipped.is_some() || self.rollout.as_ref().is_some_and(|r| !r.is_healthy())
+    }
+}
+
+/// What an automatic rollback did.
+#[derive(Debug)]
+pub struct Rollback {
+    pub to: CommitInfo,
+    pub outcome: Option<WaitOutcome>,
+}
+
+/// Plans and applies a commit; then (per policy) waits for health, rolls back a failed rollout
+/// to the last healthy commit, and writes the outcome down (record, events, git notes).
+pub async fn sync(
+    source: &GitSource,
+    cluster: &mut Cluster,
+    target: &Target,
+    policy: &Policy,
+    progress: &dyn Progress,
+) -> Result<SyncReport, ReconcileError> {
+    let loaded = load(source, cluster, target).await?;
+    if policy.dry_run {
+        let prepared = plan_loaded(cluster, loaded, policy).await?;
+        let mut report = SyncReport::new(prepared.plan, Vec::new());
+        report.dry_run = true;
+        report.drift = prepared.drift;
+        return Ok(report);
+    }
+    let store = RecordStore::new(
+        cluster,
+        &loaded.record_namespace(target, cluster),
+        loaded.inventory(),
+    );
+    let mut record = store.load().await?;
+    let commit = loaded.commit().clone();
+    if let Some(skipped) = refuse_by_record(&mut record, &commit, policy)? {
+        let mut report = SyncReport::new(
+            Plan {
+                source: loaded.source,
+                changes: Vec::new(),
+            },
+            Vec::new(),
+        );
+        report.skipped = Some(skipped);
+        return Ok(report);
+    }
+    let prepared = plan_loaded(cluster, loaded, policy).await?;
+    let applied = apply_prepared(source, cluster, &prepared, policy).await?;
+    let mut report = SyncReport::new(prepared.plan.clone(), applied);
+    let journal = Journal::new(source, cluster, policy, &commit, &prepared);
+    let Some(wait_options) = &policy.wait else {
+        journal.synced(&report.applied).await;
+        if !(report.applied.is_empty() && journal.already_recorded(&record, false)) {
+            let note = "applied".to_string();
+            journal
+                .outcome(&mut record, Outcome::Applied, None, None, note)
+                .await;
+            store.save(&record).await?;
+        }
+        return Ok(report);
+    };
+
+    let outcome = wait::wait_healthy(
+        cluster,
+        &watched_objects(cluster, &prepared)?,
+        wait_options,
+        progress,
+    )
+    .await?;
+    let WaitOutcome::Failed { object, reason, .. } = &outcome else {
+        report.returned_to =
+            history::remember_revisions(cluster, &prepared, &mut record, &commit).await?;
+        journal.synced(&report.applied).await;
+        for (key, first) in &report.returned_to {
+            let note = format!(
+                "commit {} returns to the revision first rolled out by {}",
+                commit.short_sha(),
+                &first[..7.min(first.len())]
+            );
+            journal.event(key, false, "RolledBack", note).await;
+        }
+        let unchanged = report.applied.is_empty() && report.returned_to.is_empty();
+        if !(unchanged && journal.already_recorded(&record, true)) {
+            let note = "healthy".to_string();
+            journal
+                .outcome(&mut record, Outcome::Healthy, None, None, note)
+                .await;
+            store.save(&record).await?;
+        }
+        report.rollout = Some(outcome);
+        return Ok(report);
+    };
+
+    let failed_key = prepared
+        .plan
+        .changes
+        .iter()
+        .map(|c| &c.key)
+        .find(|k| k.to_string() == *object)
+        .cloned();
+    let why = format!("{object}: {reason}");
+    let message = format!(
+        "commit {} (\"{}\"): {reason}",
+        commit.short_sha(),
+        commit.subject
+    );
+    journal
+        .warn(failed_key.as_ref(), "RolloutFailed", message)
+        .await;
+    let healthy_before = record.last_healthy.clone().filter(|c| *c != commit.sha);
+    report.rollout = Some(outcome.clone());
+    match healthy_before {
+        Some(previous) if policy.auto_rollback => {
+            let (to, back_outcome) =
+                roll_back(source, cluster, target, policy, progress, &previous).await?;
+            let message = format!(
+                "rolled back to {} (\"{}\") after commit {} failed: {reason}",
+                to.short_sha(),
+                to.subject,
+                commit.short_sha()
+            );
+            journal
+                .warn(failed_key.as_ref(), "RolledBack", message)
+                .await;
+            let note = format!("failed and rolled back to {}: {why}", to.short_sha());
+            journal
+                .outcome(
+                    &mut record,
+                    Outcome::RolledBack,
+                    Some(why.clone()),
+                    Some(to.sha.clone()),
+                    note,
+                )
+                .await;
+            report.rollback = Some(Rollback {
+                to,
+                outcome: Some(back_outcome),
+            });
+        }
+        _ => {
+            let note = format!("failed: {why}");
+            journal
+                .outcome(&mut record, Outcome::Failed, Some(why.clone()), None, note)
+                .await;
+        }
+    }
+    store.save(&record).await?;
+    if policy.revert_on_failure && source.is_local() {
+        let failed = commit.clone();
+        let reason = why.clone();
+        report.reverted = Some(
+            source
+                .blocking(move |git| git.revert(&failed, Some(&reason)))
+                .await?,
+        );
+    }
+    Ok(report)
+}
+
+/// Puts the cluster back on `previous`, the last healthy commit, and waits for it.
+async fn roll_back(
+    source: &GitSource,
+    cluster: &mut Cluster,
+    target: &Target,
+    policy: &Policy,
+    progress: &dyn Progress,
+    previous: &str,
+) -> Result<(CommitInfo, WaitOutcome), ReconcileError> {
+    let target = Target {
+        rev: Some(previous.to_string()),
+        ..target.clone()
+    };
+    let policy = Policy {
+        auto_rollback: false,
+        ..policy.clone()
+    };
+    let loaded = load(source, cluster, &target).await?;
+    let to = loaded.commit().clone();
+    let back = plan_loaded(cluster, loaded, &policy).await?;
+    apply_prepared(source, cluster, &back, &policy).await?;
+    let wait_options = policy.wait.clone().unwrap_or_default();
+    let outcome = wait::wait_healthy(
+        cluster,
+        &watched_objects(cluster, &back)?,
+        &wait_options,
+        progress,
+    )
+    .await?;
+    Ok((to, outcome))
+}
+
+/// What the record says against applying this commit: an error for a pin, a message for a commit
+/// whose rollout failed before (not retried until git moves on).
+fn refuse_by_record(
+    record: &mut audit::Record,
+    commit: &CommitInfo,
+    policy: &Policy,
+) -> Result<Option<String>, ReconcileError> {
+    if let Some(pin) = &record.pinned
+        && pin.commit != commit.sha
+        && !policy.unpin
+    {
+        return Err(ReconcileError::Pinned {
+            pinned: pin.commit[..7.min(pin.commit.len())].to_string(),
+            subject: pin.subject.clone(),
+        });
+    }
+    if policy.unpin {
+        record.pinned = None;
+    }
+    if record.has_failed(&commit.sha) && !policy.retry_failed {
+        let reason = record
+            .outcomes_of(&commit.sha)
+            .find_map(|e| e.reason.clone())
+            .unwrap_or_else(|| "its rollout failed".to_string());
+        return Ok(Some(format!(
+            "commit {} was not applied: its rollout failed before ({reason}); push a new \
+             commit, or re-run with --retry to try it again",
+            commit.short_sha()
+        )));
+    }
+    Ok(None)
+}
+
+/// Reads the commit and plans it against the cluster. Nothing is written.
+pub async fn prepare(
+    source: &GitSource,
+    cluster: &Cluster,
+    target: &Target,
+    policy: &Policy,
+) -> Result<Prepared, ReconcileError> {
+    let loaded = load(source, cluster, target).await?;
+    plan_loaded(cluster, loaded, policy).await
+}
+
+/// Observes the cluster for loaded objects and decides what to do. Nothing is written.
+pub async fn plan_loaded(
+    cluster: &Cluster,
+    loaded: Loaded,
+    policy: &Policy,
+) -> Result<Prepared, ReconcileError> {
+    let span = tracing::info_span!("plan", repo = %loaded.source.repo, commit = %loaded.source.commit.short_sha());
+    let Loaded {
+        desired,
+        source,
+        inventory,
+    } = loaded;
+    let observations = tracing::Instrument::instrument(
+        observe::observe_objects(cluster, &desired, policy),
+        span.clone(),
+    )
+    .await?;
+    // Listing every kind is only worth it when something may be pruned.
+    let live = if policy.prune {
+        tracing::Instrument::instrument(
+            inventory::observe_inventory(cluster, &inventory, &desired, &policy.prune_namespaces),
+            span,
+        )
+        .await?
+    } else {
+        decide::Inventory::default()
+    };
+    let commit = source.commit.short_sha().to_string();
+    let options = decide::Options {
+        prune: policy.prune,
+        force_conflicts: policy.force_conflicts,
+    };
+    let decision = decide::decide(source, desired, observations, live, options)
+        .map_err(|problems| ReconcileError::Invalid { commit, problems })?;
+    let api_version_of = decision
+        .steps
+        .iter()
+        .map(|s| (s.key.clone(), s.api_version.clone()))
+        .collect();
+    Ok(Prepared {
+        plan: decision.plan,
+        inventory,
+        live_inventory: decision.live_inventory,
+        drift: decision.drift,
+        steps: decision.steps,
+        api_version_of,
+    })
+}
+
+/// Applies a prepared commit, unless it would prune too much or overwrite fields others took
+/// over; in either case nothing is written.
+async fn apply_prepared(
+    source: &GitSource,
+    cluster: &mut Cluster,
+    prepared: &Prepared,
+    policy: &Policy,
+) -> Result<Vec<(Action, ObjectKey)>, ReconcileError> {
+    check_prune_guard(prepared, policy)?;
+    let commit = &prepared.plan.source.commit;
+    if !prepared.drift.is_empty() {
+        return Err(ReconcileError::Drift {
+            commit: commit.short_sha().to_string(),
+            drift: prepared.drift.clone(),
+        });
+    }
+    let attribution = apply::attribution(source, prepared).await?;
+    let span = tracing::info_span!("apply", repo = %source.display(), commit = %commit.short_sha());
+    tracing::Instrument::instrument(
+        apply::apply_steps(cluster, prepared, &attribution, policy),
+        span,
+    )
+    .await
+}
+
+/// Checks the prune guard: a sync that would delete a whole app, or many objects, needs consent.
+pub fn check_prune_guard(prepared: &Prepared, policy: &Policy) -> Result<(), ReconcileError> {
+    let count = prepared.plan.summary().prune;
+    if count == 0 || policy.allow_mass_prune {
+        return Ok(());
+    }
+    let guard = |reason: String| Err(ReconcileError::PruneGuard(PruneGuard { count, reason }));
+    if count >= prepared.live_inventory {
+        return guard("that is every object this source has in the cluster".to_string());
+    }
+    if count > policy.max_prune {
+        return guard(format!("more than --max-prune {}", policy.max_prune));
+    }
+    Ok(())
+}
+
+/// The health of every object of a plan (prunes aside), now, without waiting.
+pub async fn health(
+    cluster: &Cluster,
+    prepared: &Prepared,
+) -> Result<Vec<ObjectHealth>, ReconcileError> {
+    let mut missing = Vec::new();
+    let mut watched = Vec::new();
+    for step in prepared.steps.iter().filter(|s| s.action != Action::Prune) {
+        let resource = match &step.resource {
+            Some(rt) => Some(rt.clone()),
+            None => cluster.resolve(&step.api_version, &step.key.kind).ok(),
+        };
+        match resource {
+            Some(resource) if step.action != Action::Create => watched.push(Watched {
+                key: step.key.clone(),
+                resource,
+            }),
+            _ => missing.push(ObjectHealth {
+                kind: step.key.kind.clone(),
+                namespace: step.key.namespace.clone(),
+                name: step.key.name.clone(),
+                health: crate::rollout::Health::Missing,
+                message: "not in the cluster".to_string(),
+                past_deadline: false,
+                key: step.key.clone(),
+            }),
+        }
+    }
+    let mut all = wait::health_now(cluster, &watched).await?;
+    all.extend(missing);
+    Ok(all)
+}
+
+/// `kommit rollback --to REV`: applies REV and pins the cluster to it, so that a later sync of
+/// the branch head says so instead of undoing the rollback.
+pub async fn rollback_to(
+    source: &GitSource,
+    cluster: &mut Cluster,
+    target: &Target,
+    policy: &Policy,
+    progress: &dyn Progress,
+) -> Result<SyncReport, ReconcileError> {
+    let policy = Policy {
+        unpin: true,
+        retry_failed: true,
+        auto_rollback: false,
+        revert_on_failure: false,
+        ..policy.clone()
+    };
+    let report = sync(source, cluster, target, &policy, progress).await?;
+    if report.failed() {
+        return Ok(report);
+    }
+    let mut record = load_record(source, cluster, target, &report.plan).await?;
+    let commit = &report.plan.source.commit;
+    record.pinned = Some(audit::Pin {
+        commit: commit.sha.clone(),
+        subject: commit.subject.clone(),
+        time: audit::now_rfc3339(),
+    });
+    if let Some(entry) = record.history.first_mut()
+        && entry.commit == commit.sha
+    {
+        entry.reason = Some("kommit rollback --to: the cluster is pinned to this commit".into());
+    }
+    let namespace = target
+        .namespace
+        .clone()
+        .or_else(|| {
+            report
+                .plan
+                .changes
+                .iter()
+                .find_map(|c| c.key.namespace.clone())
+        })
+        .unwrap_or_else(|| cluster.default_namespace().to_string());
+    RecordStore::new(cluster, &namespace, &inventory_id(source, target))
+        .save(&record)
+        .await?;
+    Ok(report)
+}
+
+/// `kommit revert REV` in a local repository: the revert commit, made off the async threads.
+pub async fn revert_commit(
+    source: &GitSource,
+    commit: &CommitInfo,
+) -> Result<CommitInfo, ReconcileError> {
+    let commit = commit.clone();
+    Ok(source
+        .blocking(move |git| git.revert(&commit, None))
+        .await?)
+}
+
+/// What to wait for: every object the sync wrote, and every object of the commit whose health is
+/// more than its presence (so a sync run again after an interrupted one waits for the rollout
+/// in progress instead of declaring victory because it had nothing to write).
+fn watched_objects(cluster: &Cluster, prepared: &Prepared) -> Result<Vec<Watched>, ReconcileError> {
+    prepared
+        .steps
+        .iter()
+        .filter(|s| s.action != Action::Prune)
+        .filter(|s| s.action.writes() || crate::rollout::has_rollout(&s.key.group, &s.key.kind))
+        .map(|s| {
+            let resource = match &s.resource {
+                Some(rt) => rt.clone(),
+                None => cluster.resolve(&s.api_version, &s.key.kind)?,
+            };
+            Ok(Watched {
+                key: s.key.clone(),
+                resource,
+            })
+        })
+        .collect()
+}
+
+/// The operator spawns each sync as a task of its own: the whole pipeline must be `Send` for
+/// any lifetime of what it borrows (a compile-time check; never called).
+#[allow(dead_code)]
+fn sync_is_send(source: GitSource, mut cluster: Cluster, target: Target, policy: Policy) {
+    std::mem::drop(tokio::spawn(async move {
+        let _ = sync(&source, &mut cluster, &target, &policy, &Quiet).await;
+    }));
+}
