@@ -2,7 +2,7 @@
 //! healthy commit, failed commits, a pin), Kubernetes Events on the objects concerned, and
 //! optionally git notes under `refs/notes/kommit`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use kube::api::{Api, Patch, PatchParams};
@@ -85,6 +85,10 @@ pub struct Record {
     /// Pod-template hash of each Deployment revision → the commit that first rolled it out.
     #[serde(default)]
     pub templates: BTreeMap<String, String>,
+    /// The uids of the objects this source created or adopted: all that prune may delete and
+    /// all that a sync updates without adopting. `None` in records older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owned: Option<BTreeSet<String>>,
 }
 
 impl Record {

@@ -88,6 +88,9 @@ pub enum Command {
         /// Take over fields another field manager owns
         #[arg(long)]
         force_conflicts: bool,
+        /// Take over objects that exist but that kommit did not create
+        #[arg(long)]
+        adopt: bool,
         /// Refuse to prune more than this many objects
         #[arg(long, default_value_t = 10, value_name = "N")]
         max_prune: usize,
@@ -118,6 +121,9 @@ pub enum Command {
         /// Take over fields another field manager owns
         #[arg(long)]
         force_conflicts: bool,
+        /// Take over objects that exist but that kommit did not create
+        #[arg(long)]
+        adopt: bool,
         #[command(flatten)]
         rollout: RolloutArgs,
     },
@@ -366,6 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             prune,
             dry_run,
             force_conflicts,
+            adopt,
             max_prune,
             allow_mass_prune,
             rollout,
@@ -376,6 +383,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 prune,
                 dry_run,
                 force_conflicts,
+                adopt,
                 max_prune,
                 allow_mass_prune,
                 ..Policy::default()
@@ -389,6 +397,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             self_heal,
             prune,
             force_conflicts,
+            adopt,
             rollout,
         } => {
             let (git, mut cluster, mut target) = open(&source, &connect).await?;
@@ -402,6 +411,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let policy = rollout.apply_to(Policy {
                 prune,
                 force_conflicts,
+                adopt,
                 ..Policy::default()
             });
             let options = reconcile::WatchOptions {
@@ -973,7 +983,7 @@ fn print_status(
     let state = |action: Action| match action {
         Action::Unchanged => "Synced",
         Action::Create => "Missing",
-        Action::Update | Action::Replace => "OutOfSync",
+        Action::Update | Action::Adopt | Action::Replace => "OutOfSync",
         Action::Prune => "Extra",
     };
     let health_of = |key: &crate::object::ObjectKey| health.iter().find(|h| &h.key == key);

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kube::api::{
-    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy,
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions,
+    PropagationPolicy,
 };
 use kube::core::{ApiResource, GroupVersionKind, Status};
 use kube::discovery::{ApiCapabilities, Discovery, Scope, verbs};
@@ -320,6 +321,58 @@ impl Cluster {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
             Err(e) => Err(self.classify(e, &key.to_string(), "delete")),
         }
+    }
+
+    /// Deletes the object only if it is still the one with `uid` (a precondition the server
+    /// checks); `Ok(false)` when it is gone or was made anew under the same name.
+    pub async fn delete_exact(
+        &self,
+        rt: &ResourceType,
+        key: &ObjectKey,
+        uid: Option<&str>,
+    ) -> Result<bool, ClusterError> {
+        let Some(uid) = uid else {
+            return self.delete(rt, key).await;
+        };
+        let api = self.api(rt, key.namespace.as_deref());
+        let params = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_string()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&key.name, &params).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {
+                if status.code == 409 {
+                    tracing::warn!(object = %key, "not deleted: it was made anew since kommit looked");
+                }
+                Ok(false)
+            }
+            Err(e) => Err(self.classify(e, &key.to_string(), "delete")),
+        }
+    }
+
+    /// Replaces the object's managed fields, provided it still has `resource_version`.
+    pub async fn replace_managed_fields(
+        &self,
+        rt: &ResourceType,
+        key: &ObjectKey,
+        resource_version: Option<&str>,
+        managed_fields: &Value,
+    ) -> Result<(), ClusterError> {
+        let api = self.api(rt, key.namespace.as_deref());
+        let mut metadata = serde_json::json!({ "managedFields": managed_fields });
+        if let Some(version) = resource_version {
+            metadata["resourceVersion"] = version.into();
+        }
+        let patch = serde_json::json!({ "metadata": metadata });
+        api.patch(&key.name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.classify(e, &key.to_string(), "take over the fields of"))
     }
 
     /// Waits until the object with this uid is gone (deleted, or replaced by a new one).

@@ -12,6 +12,8 @@ pub const FIELD_MANAGER: &str = "kommit";
 pub const INVENTORY_LABEL: &str = "kommit.dev/inventory";
 /// Annotation with the human-readable source: repository and path.
 pub const SOURCE_ANNOTATION: &str = "kommit.dev/source";
+/// On a manifest: kommit may take over the object of that name if it already exists.
+pub const ADOPT_ANNOTATION: &str = "kommit.dev/adopt";
 /// Annotations naming the commit that last changed the object, and where in git it is defined.
 pub const COMMIT_ANNOTATION: &str = "kommit.dev/commit";
 pub const AUTHOR_ANNOTATION: &str = "kommit.dev/commit-author";

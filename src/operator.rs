@@ -66,6 +66,9 @@ pub struct GitSyncSpec {
     /// A Secret with git credentials: `token` (https), or `ssh-privatekey` and `known_hosts`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretRef>,
+    /// Take over objects of the commit that already exist and that kommit did not create.
+    #[serde(default)]
+    pub adopt: bool,
 }
 
 fn default_interval() -> String {
@@ -145,6 +148,8 @@ pub enum Reason {
     RolloutFailed,
     /// The commit's rollout failed before; it is not tried again until git moves on.
     FailedBefore,
+    /// The commit would take over objects kommit did not create, without `spec.adopt`.
+    AdoptionRefused,
 }
 
 impl Reason {
@@ -166,6 +171,7 @@ impl Reason {
             Reason::SyncFailed => "SyncFailed",
             Reason::RolloutFailed => "RolloutFailed",
             Reason::FailedBefore => "FailedBefore",
+            Reason::AdoptionRefused => "AdoptionRefused",
         }
     }
 }

@@ -22,6 +22,8 @@ use crate::object::{ATTRIBUTION_ANNOTATIONS, ObjectKey};
 pub enum Action {
     Create,
     Update,
+    /// Take over an object that exists but that kommit did not create.
+    Adopt,
     Replace,
     Prune,
     Unchanged,
@@ -32,6 +34,7 @@ impl Action {
         match self {
             Action::Create => "create",
             Action::Update => "update",
+            Action::Adopt => "adopt",
             Action::Replace => "replace",
             Action::Prune => "prune",
             Action::Unchanged => "unchanged",
@@ -85,6 +88,7 @@ pub struct Plan {
 pub struct Summary {
     pub create: usize,
     pub update: usize,
+    pub adopt: usize,
     pub replace: usize,
     pub prune: usize,
     pub unchanged: usize,
@@ -92,16 +96,21 @@ pub struct Summary {
 
 impl Summary {
     pub fn has_changes(&self) -> bool {
-        self.create + self.update + self.replace + self.prune > 0
+        self.create + self.update + self.adopt + self.replace + self.prune > 0
     }
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} to create, {} to update, ", self.create, self.update)?;
+        // Adoption is rare; the line people know stays the same without it.
+        if self.adopt > 0 {
+            write!(f, "{} to adopt, ", self.adopt)?;
+        }
         write!(
             f,
-            "{} to create, {} to update, {} to replace, {} to prune, {} unchanged",
-            self.create, self.update, self.replace, self.prune, self.unchanged
+            "{} to replace, {} to prune, {} unchanged",
+            self.replace, self.prune, self.unchanged
         )
     }
 }
@@ -113,6 +122,7 @@ impl Plan {
             match change.action {
                 Action::Create => summary.create += 1,
                 Action::Update => summary.update += 1,
+                Action::Adopt => summary.adopt += 1,
                 Action::Replace => summary.replace += 1,
                 Action::Prune => summary.prune += 1,
                 Action::Unchanged => summary.unchanged += 1,
@@ -611,12 +621,21 @@ mod tests {
             replace: 0,
             prune: 1,
             unchanged: 12,
+            ..Summary::default()
         };
         assert_eq!(
             summary.to_string(),
             "3 to create, 1 to update, 0 to replace, 1 to prune, 12 unchanged"
         );
         assert!(summary.has_changes());
+        assert_eq!(
+            Summary {
+                adopt: 2,
+                ..Summary::default()
+            }
+            .to_string(),
+            "0 to create, 0 to update, 2 to adopt, 0 to replace, 0 to prune, 0 unchanged"
+        );
         assert!(
             !Summary {
                 unchanged: 4,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
@@ -58,6 +58,7 @@ fn failure_reason(error: &ReconcileError) -> Reason {
     match error {
         ReconcileError::Invalid { .. } => Reason::InvalidCommit,
         ReconcileError::Drift { .. } => Reason::Drift,
+        ReconcileError::Adopt { .. } => Reason::AdoptionRefused,
         ReconcileError::PruneGuard(_) => Reason::PruneGuard,
         ReconcileError::Pinned { .. } => Reason::Pinned,
         ReconcileError::Source(_) => Reason::SourceUnavailable,
@@ -88,15 +89,24 @@ pub async fn run(
     // Only a new spec or a new annotation (a reconcile request) is a reason to look before the
     // interval; the status writes of every reconcile are not.
     let (store, writer) = reflector::store();
+    // A deleted GitSync's commit age would otherwise be reported, and grow, until a restart:
+    // forgotten when its deletion is seen, and in a sweep for deletions missed while the watch
+    // was re-listing.
+    let on_delete = context.metrics.clone();
     let triggers = watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
+        .inspect_ok(move |event| {
+            if let watcher::Event::Delete(gone) = event {
+                let (namespace, name) = (gone.namespace().unwrap_or_default(), gone.name_any());
+                on_delete.retain_synced(|l| !(l.namespace == namespace && l.name == name));
+            }
+        })
         .applied_objects()
         .predicate_filter(
             predicates::generation.combine(predicates::annotations),
             Default::default(),
         );
-    // A deleted GitSync's commit age would otherwise be reported, and grow, until a restart.
     let metrics = context.metrics.clone();
     let known = store.clone();
     let forget_deleted = tokio::spawn(async move {
@@ -138,8 +148,9 @@ fn error_policy(gitsync: Arc<GitSync>, error: &OperatorError, _: Arc<Context>) -
 
 /// The inventory label value of a GitSync: readable when short, hashed when not.
 fn inventory_of(gitsync: &GitSync) -> String {
+    // `_` appears in no namespace or object name, so `team/a-web` and `team-a/web` differ.
     let name = format!(
-        "gs-{}-{}",
+        "gs_{}_{}",
         gitsync.namespace().unwrap_or_default(),
         gitsync.name_any()
     );
@@ -147,7 +158,7 @@ fn inventory_of(gitsync: &GitSync) -> String {
         return name;
     }
     let digest = Sha256::digest(name.as_bytes());
-    format!("gs-{}", &crate::source::hex(&digest)[..40])
+    format!("gs_{}", &crate::source::hex(&digest)[..40])
 }
 
 async fn reconcile_one(
@@ -297,6 +308,7 @@ async fn sync_gitsync(
         auto_rollback: spec.auto_rollback,
         // Self-heal means git wins over whoever edited an object.
         force_conflicts: spec.self_heal,
+        adopt: spec.adopt,
         wait: Some(WaitOptions::default()),
         // Where the GitSync's objects were: a namespace emptied in git is still searched.
         prune_namespaces: status
@@ -680,9 +692,16 @@ mod tests {
             serde_json::from_value(json!({"repo": "file:///r"})).unwrap(),
         );
         gs.metadata.namespace = Some("team".into());
-        assert_eq!(inventory_of(&gs), "gs-team-shop");
+        assert_eq!(inventory_of(&gs), "gs_team_shop");
         gs.metadata.name = Some("x".repeat(80));
         let long = inventory_of(&gs);
-        assert!(long.len() <= 63 && long.starts_with("gs-"), "{long}");
+        assert!(long.len() <= 63 && long.starts_with("gs_"), "{long}");
+        let named = |namespace: &str, name: &str| {
+            let spec = serde_json::from_value(json!({"repo": "file:///r"})).unwrap();
+            let mut gs = GitSync::new(name, spec);
+            gs.metadata.namespace = Some(namespace.into());
+            inventory_of(&gs)
+        };
+        assert_ne!(named("team", "a-web"), named("team-a", "web"));
     }
 }

@@ -2,7 +2,7 @@
 //! happens to each object (create, update, replace, unchanged, prune) and what stops the commit.
 //! Pure: observations in, a plan out, so every decision has a unit test without a cluster.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use serde_json::Value;
@@ -10,7 +10,9 @@ use serde_json::Value;
 use super::{Action, Change, Plan, PlanSource};
 use crate::cluster::{FieldConflict, ResourceType};
 use crate::manifest::Origin;
-use crate::object::{self, COMMIT_ANNOTATION, ObjectKey};
+use crate::object::{
+    self, ADOPT_ANNOTATION, COMMIT_ANNOTATION, INVENTORY_LABEL, ObjectKey, SOURCE_ANNOTATION,
+};
 
 /// One object of a commit, resolved against the cluster's API.
 #[derive(Debug, Clone)]
@@ -83,6 +85,12 @@ pub struct LiveObject {
 /// What the cluster holds of this source beyond the commit's own objects.
 #[derive(Debug, Clone, Default)]
 pub struct Inventory {
+    /// The inventory label value of this source.
+    pub id: String,
+    /// The uids kommit recorded creating or adopting for this source. `None` for a record
+    /// written before kommit kept them: the inventory label is trusted once, and the uids are
+    /// recorded from then on.
+    pub recorded: Option<BTreeSet<String>>,
     /// Every live object of the inventory (listed only when pruning).
     pub objects: Vec<LiveObject>,
     /// For namespaces of the inventory: objects in them kommit does not own (a few names).
@@ -94,6 +102,157 @@ pub struct Options {
     pub prune: bool,
     /// Take fields other managers hold; without it they are drift to report.
     pub force_conflicts: bool,
+    /// Take over objects that exist without this source's inventory (`--adopt`).
+    pub adopt: bool,
+}
+
+/// Who an existing object belongs to, as far as kommit can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// Created or adopted by this source, as kommit recorded it.
+    ThisSource,
+    /// Nobody kommit knows: made by hand, by another tool, or carrying a copy of this
+    /// source's label that kommit has no record of.
+    Foreign { managers: Vec<String> },
+    /// Another kommit source.
+    OtherSource {
+        inventory: String,
+        source: Option<String>,
+    },
+}
+
+impl Inventory {
+    /// Whether kommit recorded `live` as this source's own.
+    pub fn owner_of(&self, live: &Value) -> Owner {
+        let label = object::metadata_entry(live, "labels", INVENTORY_LABEL);
+        let uid = live.pointer("/metadata/uid").and_then(Value::as_str);
+        match label {
+            Some(id) if id == self.id => {
+                let recorded = match (&self.recorded, uid) {
+                    (None, _) => true,
+                    (Some(uids), Some(uid)) => uids.contains(uid),
+                    (Some(_), None) => false,
+                };
+                if recorded {
+                    return Owner::ThisSource;
+                }
+            }
+            Some(other) if !other.is_empty() => {
+                return Owner::OtherSource {
+                    inventory: other.to_string(),
+                    source: object::metadata_entry(live, "annotations", SOURCE_ANNOTATION)
+                        .map(str::to_string),
+                };
+            }
+            _ => {}
+        }
+        Owner::Foreign {
+            managers: managers_of(live),
+        }
+    }
+}
+
+/// The field managers of a live object, in the order the server lists them.
+pub fn managers_of(live: &Value) -> Vec<String> {
+    let mut managers: Vec<String> = Vec::new();
+    for entry in live
+        .pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(manager) = entry.get("manager").and_then(Value::as_str)
+            && !managers.iter().any(|m| m == manager)
+        {
+            managers.push(manager.to_string());
+        }
+    }
+    managers
+}
+
+/// An existing object the commit would take over without having been told to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unconsented {
+    pub key: ObjectKey,
+    pub origin: Origin,
+    pub managers: Vec<String>,
+}
+
+impl fmt::Display for Unconsented {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.key, self.origin)?;
+        if !self.managers.is_empty() {
+            write!(f, ", managed by {}", self.managers.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// The manager `kubectl apply` (client-side) writes as.
+const CLIENT_SIDE_APPLY: &str = "kubectl-client-side-apply";
+
+/// The managed fields of `live` with what client-side `kubectl apply` owns handed to kommit's
+/// server-side apply, as `kubectl apply --server-side` migrates an object the first time; `None`
+/// when client-side apply owns nothing. Without this, a field removed from git would stay live
+/// after adoption (still owned by the client-side manager).
+pub fn upgrade_client_side_ownership(live: &Value) -> Option<Value> {
+    let entries = live.pointer("/metadata/managedFields")?.as_array()?;
+    let is_client_side = |e: &Value| {
+        e.get("manager").and_then(Value::as_str) == Some(CLIENT_SIDE_APPLY)
+            && e.get("operation").and_then(Value::as_str) == Some("Update")
+    };
+    if !entries.iter().any(is_client_side) {
+        return None;
+    }
+    let is_ours = |e: &Value| {
+        e.get("manager").and_then(Value::as_str) == Some(object::FIELD_MANAGER)
+            && e.get("operation").and_then(Value::as_str) == Some("Apply")
+    };
+    let mut ours = entries.iter().find(|e| is_ours(e)).cloned();
+    let mut kept = Vec::new();
+    for entry in entries {
+        if is_client_side(entry) {
+            let fields = entry.get("fieldsV1").cloned().unwrap_or(Value::Null);
+            match &mut ours {
+                Some(existing) => {
+                    let mut merged = existing.get("fieldsV1").cloned().unwrap_or(Value::Null);
+                    merge_field_sets(&mut merged, &fields);
+                    existing["fieldsV1"] = merged;
+                }
+                None => {
+                    let mut taken = entry.clone();
+                    taken["manager"] = object::FIELD_MANAGER.into();
+                    taken["operation"] = "Apply".into();
+                    if let Some(map) = taken.as_object_mut() {
+                        map.remove("subresource");
+                    }
+                    ours = Some(taken);
+                }
+            }
+        } else if !is_ours(entry) {
+            kept.push(entry.clone());
+        }
+    }
+    kept.extend(ours);
+    Some(Value::Array(kept))
+}
+
+/// Adds the fields of `more` to the field set `into` (both in the server's `fieldsV1` form).
+fn merge_field_sets(into: &mut Value, more: &Value) {
+    match (into, more) {
+        (Value::Object(into), Value::Object(more)) => {
+            for (key, value) in more {
+                match into.get_mut(key) {
+                    Some(existing) => merge_field_sets(existing, value),
+                    None => {
+                        into.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (into @ Value::Null, more) => *into = more.clone(),
+        _ => {}
+    }
 }
 
 /// What carrying a change out needs beside what is shown.
@@ -107,6 +266,11 @@ pub struct Step {
     pub body: Option<Value>,
     pub origin: Option<Origin>,
     pub live_uid: Option<String>,
+    /// For an adoption: the live object's managed fields with client-side apply's handed to
+    /// kommit, written before the apply (see [`upgrade_client_side_ownership`]).
+    pub upgrade_ownership: Option<Value>,
+    /// The live object's resourceVersion, the precondition of that write.
+    pub live_resource_version: Option<String>,
 }
 
 /// Fields of one object that other managers took over.
@@ -169,6 +333,8 @@ pub enum ProblemKind {
     MissingNamespace,
     /// The server refused the object.
     Invalid,
+    /// The object belongs to another kommit source.
+    OtherSource,
 }
 
 /// One reason a commit cannot be applied, with where it comes from.
@@ -205,6 +371,8 @@ pub struct Decision {
     pub steps: Vec<Step>,
     /// Objects whose fields other managers hold (only without `force_conflicts`).
     pub drift: Vec<Drifted>,
+    /// Existing objects the commit would take over without consent: nothing may be written.
+    pub unconsented: Vec<Unconsented>,
     /// How many live objects carry this source's inventory (what prune could touch).
     pub live_inventory: usize,
 }
@@ -215,7 +383,7 @@ pub fn decide(
     source: PlanSource,
     desired: Vec<Desired>,
     observations: Vec<Observation>,
-    inventory: Inventory,
+    mut inventory: Inventory,
     options: Options,
 ) -> Result<Decision, Vec<Problem>> {
     assert_eq!(
@@ -228,6 +396,7 @@ pub fn decide(
     let mut steps = Vec::with_capacity(desired.len());
     let mut problems = Vec::new();
     let mut drift = Vec::new();
+    let mut unconsented = Vec::new();
     let desired_keys: HashSet<ObjectKey> = desired.iter().map(|d| d.key.clone()).collect();
 
     for (d, observation) in desired.into_iter().zip(observations) {
@@ -244,6 +413,51 @@ pub fn decide(
         let live_commit = live
             .and_then(|l| object::metadata_entry(l, "annotations", COMMIT_ANNOTATION))
             .map(str::to_string);
+        let live_resource_version = live
+            .and_then(|l| l.pointer("/metadata/resourceVersion"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let foreign = match live.map(|l| inventory.owner_of(l)) {
+            None | Some(Owner::ThisSource) => None,
+            Some(Owner::Foreign { managers }) => Some(managers),
+            Some(Owner::OtherSource { inventory, source }) => {
+                problems.push(Problem::at(
+                    ProblemKind::OtherSource,
+                    &d.origin,
+                    format!(
+                        "{}: belongs to another kommit source ({}, inventory {inventory}); kommit \
+                         never takes over another source's objects: keep it in one of the two",
+                        d.key,
+                        source.as_deref().unwrap_or("source unknown")
+                    ),
+                ));
+                continue;
+            }
+        };
+        let upgrade_ownership = foreign
+            .as_ref()
+            .and(live)
+            .and_then(upgrade_client_side_ownership);
+        let adoption_note = foreign.as_ref().map(|managers| {
+            let by = if managers.is_empty() {
+                String::new()
+            } else {
+                format!(" (managed by {})", managers.join(", "))
+            };
+            if options.adopt || wants_adoption(&d.body) {
+                format!("exists and kommit did not create it{by}: taken over as asked")
+            } else {
+                unconsented.push(Unconsented {
+                    key: d.key.clone(),
+                    origin: d.origin.clone(),
+                    managers: managers.clone(),
+                });
+                format!(
+                    "exists and kommit did not create it{by}: not taken over without --adopt, \
+                     the manifest annotation {ADOPT_ANNOTATION}: \"true\" or GitSync spec.adopt"
+                )
+            }
+        });
         let (action, diff, reason) = match observation {
             Observation::NotYetServed(why) => (
                 Action::Create,
@@ -261,13 +475,28 @@ pub fn decide(
             Observation::Present {
                 dry_run: DryRun::ProvablyUnchanged,
                 ..
-            } => (Action::Unchanged, String::new(), None),
+            } if adoption_note.is_none() => (Action::Unchanged, String::new(), None),
+            Observation::Present {
+                dry_run: DryRun::ProvablyUnchanged,
+                ..
+            } => (Action::Adopt, String::new(), adoption_note),
             Observation::Present {
                 live,
                 dry_run: DryRun::Stored(stored),
             } => {
                 let (action, diff) = super::compare(&d.key, &live, &stored, &label);
-                (action, diff, None)
+                match adoption_note {
+                    Some(note) => (Action::Adopt, diff, Some(note)),
+                    None => (action, diff, None),
+                }
+            }
+            // Taking an object over takes its fields too.
+            Observation::Present {
+                live,
+                dry_run: DryRun::Conflict { forced, .. },
+            } if adoption_note.is_some() => {
+                let (_, diff) = super::compare(&d.key, &live, &forced, &label);
+                (Action::Adopt, diff, adoption_note)
             }
             Observation::Present {
                 live,
@@ -342,15 +571,46 @@ pub fn decide(
             body: action.writes().then_some(d.body),
             origin: Some(d.origin),
             live_uid,
+            upgrade_ownership: upgrade_ownership.filter(|_| action.writes()),
+            live_resource_version,
         });
     }
     if !problems.is_empty() {
         return Err(problems);
     }
 
-    let live_inventory = inventory.objects.len();
+    let (ours, unproven): (Vec<LiveObject>, Vec<LiveObject>) =
+        std::mem::take(&mut inventory.objects)
+            .into_iter()
+            .partition(|live| inventory.owner_of(&live.object) == Owner::ThisSource);
+    let live_inventory = ours.len();
     if options.prune {
-        for LiveObject { resource, object } in inventory.objects {
+        // A copied label proves nothing: what kommit has no record of is never deleted.
+        for LiveObject { resource, object } in unproven {
+            let Some(key) = ObjectKey::of_value(&object) else {
+                continue;
+            };
+            if desired_keys.contains(&key) {
+                continue;
+            }
+            changes.push(Change {
+                action: Action::Unchanged,
+                live_commit: None,
+                api_version: resource.resource.api_version.clone(),
+                kind: key.kind.clone(),
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                source: None,
+                diff: String::new(),
+                reason: Some(
+                    "not pruned: it carries this source's inventory label, but kommit has no \
+                     record of creating it"
+                        .to_string(),
+                ),
+                key,
+            });
+        }
+        for LiveObject { resource, object } in ours {
             let Some(key) = ObjectKey::of_value(&object) else {
                 continue;
             };
@@ -405,6 +665,8 @@ pub fn decide(
                     .pointer("/metadata/uid")
                     .and_then(Value::as_str)
                     .map(str::to_string),
+                upgrade_ownership: None,
+                live_resource_version: None,
             });
         }
     }
@@ -412,8 +674,14 @@ pub fn decide(
         plan: Plan { source, changes },
         steps,
         drift,
+        unconsented,
         live_inventory,
     })
+}
+
+/// The manifest asks kommit to take the object over if it exists.
+fn wants_adoption(body: &Value) -> bool {
+    object::metadata_entry(body, "annotations", ADOPT_ANNOTATION) == Some("true")
 }
 
 /// Why a sync would prune too much to go ahead without consent.
@@ -531,18 +799,20 @@ mod tests {
         live
     }
 
+    /// The inventory of the source under test, from before kommit recorded uids.
+    fn ours() -> Inventory {
+        Inventory {
+            id: "inv".into(),
+            ..Inventory::default()
+        }
+    }
+
     fn decide_one(
         d: Desired,
         observation: Observation,
         options: Options,
     ) -> Result<Decision, Vec<Problem>> {
-        decide(
-            source(),
-            vec![d],
-            vec![observation],
-            Inventory::default(),
-            options,
-        )
+        decide(source(), vec![d], vec![observation], ours(), options)
     }
 
     #[test]
@@ -670,7 +940,7 @@ mod tests {
                     rejection: Rejection::Invalid("data.k: Invalid value".into()),
                 },
             ],
-            Inventory::default(),
+            ours(),
             Options::default(),
         )
         .unwrap_err();
@@ -772,6 +1042,8 @@ mod tests {
         let kept = config_map("kept", "1");
         let kept_live = live(&kept, "1");
         let inventory = || Inventory {
+            id: "inv".into(),
+            recorded: None,
             objects: vec![
                 inventory_object("ConfigMap", "configmaps", Some("shop"), "kept"),
                 inventory_object("ConfigMap", "configmaps", Some("shop"), "gone"),
@@ -851,7 +1123,7 @@ mod tests {
                     inventory_object("ConfigMap", "configmaps", Some("shop"), "a"),
                     inventory_object("ConfigMap", "configmaps", Some("shop"), "b"),
                 ],
-                foreign_in_namespace: HashMap::new(),
+                ..ours()
             },
             Options {
                 prune: true,
@@ -863,5 +1135,187 @@ mod tests {
         assert_eq!(guard.count, 2);
         assert!(guard.reason.contains("every object"));
         assert!(check_prune_guard(&decision, 10, true).is_ok());
+    }
+
+    fn foreign(mut live: Value, manager: &str) -> Value {
+        live["metadata"]["labels"] = json!({});
+        live["metadata"]["managedFields"] = json!([{"manager": manager, "operation": "Update",
+            "apiVersion": "v1", "fieldsV1": {"f:data": {"f:k": {}}}}]);
+        live
+    }
+
+    #[test]
+    fn an_object_kommit_did_not_create_is_an_adoption_refused_without_consent() {
+        let d = config_map("precious", "2");
+        let live = foreign(live(&d, "1"), "kubectl-create");
+        let observed = || Observation::Present {
+            live: live.clone(),
+            dry_run: DryRun::Stored(live.clone()),
+        };
+        let refused = decide_one(d.clone(), observed(), Options::default()).unwrap();
+        assert_eq!(refused.plan.changes[0].action, Action::Adopt);
+        assert_eq!(
+            refused.unconsented,
+            vec![Unconsented {
+                key: d.key.clone(),
+                origin: d.origin.clone(),
+                managers: vec!["kubectl-create".into()],
+            }]
+        );
+        assert_eq!(
+            refused.unconsented[0].to_string(),
+            "ConfigMap shop/precious (precious.yaml:1), managed by kubectl-create"
+        );
+
+        let asked = Options {
+            adopt: true,
+            ..Options::default()
+        };
+        let adopted = decide_one(d.clone(), observed(), asked).unwrap();
+        assert!(adopted.unconsented.is_empty());
+        assert_eq!(adopted.steps[0].action, Action::Adopt);
+        assert!(adopted.steps[0].body.is_some(), "an adoption writes");
+
+        let mut annotated = d;
+        annotated.body["metadata"]["annotations"] = json!({ADOPT_ANNOTATION: "true"});
+        let by_annotation = decide_one(annotated, observed(), Options::default()).unwrap();
+        assert!(by_annotation.unconsented.is_empty());
+    }
+
+    #[test]
+    fn an_adoption_takes_the_fields_others_hold_and_is_not_drift() {
+        let d = config_map("precious", "2");
+        let live = foreign(live(&d, "1"), "kubectl-client-side-apply");
+        let observation = Observation::Present {
+            live: live.clone(),
+            dry_run: DryRun::Conflict {
+                conflicts: vec![FieldConflict {
+                    field: ".data.k".into(),
+                    manager: "kubectl-client-side-apply".into(),
+                }],
+                forced: live.clone(),
+            },
+        };
+        let decision = decide_one(
+            d,
+            observation,
+            Options {
+                adopt: true,
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        assert!(decision.drift.is_empty());
+        assert_eq!(decision.steps[0].action, Action::Adopt);
+        let upgraded = decision.steps[0]
+            .upgrade_ownership
+            .as_ref()
+            .expect("client-side apply's fields are handed over first");
+        assert_eq!(upgraded[0]["manager"], FIELD_MANAGER);
+        assert_eq!(upgraded[0]["operation"], "Apply");
+    }
+
+    #[test]
+    fn another_sources_object_is_never_taken_over() {
+        let d = config_map("shared", "2");
+        let mut other = live(&d, "1");
+        other["metadata"]["labels"] = json!({INVENTORY_LABEL: "gs_team-b_web"});
+        other["metadata"]["annotations"] = json!({SOURCE_ANNOTATION: "git@example.com:b.git"});
+        let problems = decide_one(
+            d,
+            Observation::Present {
+                live: other.clone(),
+                dry_run: DryRun::Stored(other),
+            },
+            Options {
+                adopt: true,
+                ..Options::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(problems[0].kind, ProblemKind::OtherSource);
+        assert!(
+            problems[0].message.contains("git@example.com:b.git")
+                && problems[0].message.contains("gs_team-b_web"),
+            "{}",
+            problems[0].message
+        );
+    }
+
+    #[test]
+    fn a_copied_label_is_neither_pruned_nor_updated_without_adoption() {
+        let recorded = Inventory {
+            recorded: Some(BTreeSet::from(["uid-mine".to_string()])),
+            objects: vec![
+                inventory_object("ConfigMap", "configmaps", Some("shop"), "mine"),
+                inventory_object("ConfigMap", "configmaps", Some("shop"), "planted"),
+            ],
+            ..ours()
+        };
+        let prune = Options {
+            prune: true,
+            ..Options::default()
+        };
+        let decision = decide(source(), Vec::new(), Vec::new(), recorded.clone(), prune).unwrap();
+        let pruned: Vec<&str> = decision
+            .steps
+            .iter()
+            .filter(|s| s.action == Action::Prune)
+            .map(|s| s.key.name.as_str())
+            .collect();
+        assert_eq!(pruned, vec!["mine"]);
+        assert_eq!(
+            decision.live_inventory, 1,
+            "only what kommit recorded counts"
+        );
+        let planted = decision
+            .plan
+            .changes
+            .iter()
+            .find(|c| c.key.name == "planted")
+            .unwrap();
+        assert_eq!(planted.action, Action::Unchanged);
+        assert!(planted.reason.as_deref().unwrap().contains("no record"));
+
+        // Updating the planted one would be taking it over.
+        let d = config_map("planted", "2");
+        let mut planted_live = live(&d, "1");
+        planted_live["metadata"]["uid"] = json!("uid-planted");
+        let decision = decide(
+            source(),
+            vec![d],
+            vec![Observation::Present {
+                live: planted_live.clone(),
+                dry_run: DryRun::Stored(planted_live),
+            }],
+            recorded,
+            Options::default(),
+        )
+        .unwrap();
+        assert_eq!(decision.unconsented.len(), 1);
+    }
+
+    #[test]
+    fn client_side_ownership_is_merged_into_kommits_apply_entry() {
+        let live = json!({"metadata": {"managedFields": [
+            {"manager": "kommit", "operation": "Apply", "apiVersion": "v1",
+             "fieldsV1": {"f:data": {"f:a": {}}}},
+            {"manager": "kubectl-client-side-apply", "operation": "Update", "apiVersion": "v1",
+             "fieldsV1": {"f:data": {"f:b": {}}, "f:metadata": {"f:annotations": {}}}},
+            {"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
+             "subresource": "status", "fieldsV1": {"f:status": {}}}
+        ]}});
+        let upgraded = upgrade_client_side_ownership(&live).unwrap();
+        let entries = upgraded.as_array().unwrap();
+        assert_eq!(entries.len(), 2, "{upgraded:#}");
+        assert_eq!(entries[0]["manager"], "kube-controller-manager");
+        assert_eq!(entries[1]["manager"], "kommit");
+        assert_eq!(
+            entries[1]["fieldsV1"],
+            json!({"f:data": {"f:a": {}, "f:b": {}}, "f:metadata": {"f:annotations": {}}})
+        );
+        let server_side_only = json!({"metadata": {"managedFields": [
+            {"manager": "kommit", "operation": "Apply", "fieldsV1": {}}]}});
+        assert_eq!(upgrade_client_side_ownership(&server_side_only), None);
     }
 }

@@ -10,6 +10,7 @@ const BOLD: &str = "\x1b[1m";
 const RED: &str = "\x1b[31m";
 const GREEN: &str = "\x1b[32m";
 const YELLOW: &str = "\x1b[33m";
+const MAGENTA: &str = "\x1b[35m";
 const CYAN: &str = "\x1b[36m";
 const DIM: &str = "\x1b[2m";
 
@@ -17,6 +18,7 @@ fn symbol(action: Action) -> &'static str {
     match action {
         Action::Create => "+",
         Action::Update => "~",
+        Action::Adopt => "&",
         Action::Replace => "±",
         Action::Prune => "-",
         Action::Unchanged => "=",
@@ -27,6 +29,7 @@ fn colour(action: Action) -> &'static str {
     match action {
         Action::Create => GREEN,
         Action::Update => YELLOW,
+        Action::Adopt => MAGENTA,
         Action::Replace => CYAN,
         Action::Prune => RED,
         Action::Unchanged => DIM,

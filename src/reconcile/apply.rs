@@ -45,13 +45,21 @@ pub(super) async fn attribution(
         .await?)
 }
 
-/// Applies every writing step; returns what was done, in order.
+/// What a sync wrote, in order, and the uid of each object it created or updated.
+#[derive(Debug, Default)]
+pub(super) struct Applied {
+    pub done: Vec<(Action, ObjectKey)>,
+    pub uids: HashMap<ObjectKey, String>,
+}
+
+/// Applies every writing step into `applied` (which holds what was done when it fails).
 pub(super) async fn apply_steps(
     cluster: &mut Cluster,
     prepared: &Prepared,
     attribution: &HashMap<String, CommitInfo>,
     policy: &Policy,
-) -> Result<Vec<(Action, ObjectKey)>, ReconcileError> {
+    applied: &mut Applied,
+) -> Result<(), ReconcileError> {
     let commit = &prepared.plan.source.commit;
     let writes: Vec<&Step> = prepared
         .steps
@@ -59,16 +67,14 @@ pub(super) async fn apply_steps(
         .filter(|s| s.action.writes())
         .collect();
     let total = writes.len();
-    let mut applied: Vec<(Action, ObjectKey)> = Vec::with_capacity(total);
-    let failed = |applied: &[(Action, ObjectKey)], key: &ObjectKey, source: ClusterError| {
-        ReconcileError::ApplyFailed {
+    let failed =
+        |applied: &Applied, key: &ObjectKey, source: ClusterError| ReconcileError::ApplyFailed {
             commit: commit.short_sha().to_string(),
             object: key.to_string(),
-            applied: applied.len(),
+            applied: applied.done.len(),
             total,
             source: Box::new(source),
-        }
-    };
+        };
 
     let mut tiers: BTreeMap<u8, Vec<&Step>> = BTreeMap::new();
     for step in writes.iter().filter(|s| s.action != Action::Prune) {
@@ -88,24 +94,26 @@ pub(super) async fn apply_steps(
             .iter()
             .map(|step| write_one(cluster_now, step, commit, attribution, policy).boxed())
             .collect();
-        let results: Vec<Result<(Action, ObjectKey), (ObjectKey, ClusterError)>> =
-            stream::iter(writes)
-                .buffer_unordered(CONCURRENCY)
-                .collect()
-                .await;
+        let results: Vec<Result<Written, (ObjectKey, ClusterError)>> = stream::iter(writes)
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
         let mut failure = None;
         for result in results {
             match result {
-                Ok(done) => {
-                    tracing::info!(object = %done.1, action = done.0.verb(), "applied");
-                    applied.push(done);
+                Ok((action, key, uid)) => {
+                    tracing::info!(object = %key, action = action.verb(), "applied");
+                    if let Some(uid) = uid {
+                        applied.uids.insert(key.clone(), uid);
+                    }
+                    applied.done.push((action, key));
                 }
                 Err(e) if failure.is_none() => failure = Some(e),
                 Err((key, e)) => tracing::error!(object = %key, error = %e, "apply failed"),
             }
         }
         if let Some((key, source)) = failure {
-            return Err(failed(&applied, &key, source));
+            return Err(failed(applied, &key, source));
         }
         if tier == 1 {
             applied_crds = true;
@@ -123,16 +131,24 @@ pub(super) async fn apply_steps(
             .resource
             .as_ref()
             .expect("prunes come from live objects");
-        match cluster.delete(rt, &step.key).await {
+        // The uid precondition: an object made anew under the same name since it was observed
+        // is not the one kommit recorded, and is not deleted.
+        match cluster
+            .delete_exact(rt, &step.key, step.live_uid.as_deref())
+            .await
+        {
             Ok(_) => {
                 tracing::info!(object = %step.key, "pruned");
-                applied.push((Action::Prune, step.key.clone()));
+                applied.done.push((Action::Prune, step.key.clone()));
             }
-            Err(source) => return Err(failed(&applied, &step.key, source)),
+            Err(source) => return Err(failed(applied, &step.key, source)),
         }
     }
-    Ok(applied)
+    Ok(())
 }
+
+/// A write done: its action, its object and the uid the server gave it.
+type Written = (Action, ObjectKey, Option<String>);
 
 async fn write_one(
     cluster: &Cluster,
@@ -140,7 +156,7 @@ async fn write_one(
     commit: &CommitInfo,
     attribution: &HashMap<String, CommitInfo>,
     policy: &Policy,
-) -> Result<(Action, ObjectKey), (ObjectKey, ClusterError)> {
+) -> Result<Written, (ObjectKey, ClusterError)> {
     let fail = |e| (step.key.clone(), e);
     let rt = match &step.resource {
         Some(rt) => rt.clone(),
@@ -149,10 +165,14 @@ async fn write_one(
             .map_err(fail)?,
     };
     let body = attributed_body(step, commit, attribution);
-    write(cluster, &rt, step, &body, policy)
+    let stored = write(cluster, &rt, step, &body, policy)
         .await
-        .map(|()| (step.action, step.key.clone()))
-        .map_err(fail)
+        .map_err(fail)?;
+    let uid = stored
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Ok((step.action, step.key.clone(), uid))
 }
 
 /// Adds the commit that last changed the object's file, so the cluster says which commit put it
@@ -195,9 +215,11 @@ async fn write(
     step: &Step,
     body: &Value,
     policy: &Policy,
-) -> Result<(), ClusterError> {
+) -> Result<Value, ClusterError> {
     if step.action == Action::Replace {
-        cluster.delete(rt, &step.key).await?;
+        cluster
+            .delete_exact(rt, &step.key, step.live_uid.as_deref())
+            .await?;
         cluster
             .wait_gone(
                 rt,
@@ -207,10 +229,16 @@ async fn write(
             )
             .await?;
     }
-    cluster
-        .apply(rt, &step.key, body, false, policy.force_conflicts)
-        .await
-        .map(|_| ())
+    // Adopting what client-side `kubectl apply` made: its fields become kommit's first, as
+    // `kubectl apply --server-side` does, so that a field later removed from git goes too.
+    if let Some(fields) = &step.upgrade_ownership {
+        cluster
+            .replace_managed_fields(rt, &step.key, step.live_resource_version.as_deref(), fields)
+            .await?;
+    }
+    // Adoption was asked for: the fields other managers hold are taken with the object.
+    let force = policy.force_conflicts || step.action == Action::Adopt;
+    cluster.apply(rt, &step.key, body, false, force).await
 }
 
 /// After CRDs were applied: wait until the API serves the kinds the next steps need.
@@ -262,6 +290,8 @@ mod tests {
                 line: 1,
             }),
             live_uid: None,
+            upgrade_ownership: None,
+            live_resource_version: None,
         };
         let head = CommitInfo {
             sha: "b".repeat(40),

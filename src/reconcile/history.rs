@@ -205,7 +205,7 @@ pub(super) async fn remember_revisions(
     for step in prepared
         .steps
         .iter()
-        .filter(|s| s.action == Action::Update || s.action == Action::Create)
+        .filter(|s| matches!(s.action, Action::Update | Action::Create | Action::Adopt))
     {
         if !step.key.is_kind("apps", "Deployment") {
             continue;

@@ -20,7 +20,11 @@ pub fn inventory_id(source: &GitSource, target: &Target) -> String {
         return name.clone();
     }
     let path = crate::source::normalize_repo_path(&target.path).unwrap_or_default();
-    let digest = Sha256::digest(format!("{}\n{}", source.identity(), path).as_bytes());
+    // The target namespace is part of it: the same path synced into staging and into prod
+    // with --prune are two sources, and neither may prune the other's objects.
+    let namespace = target.namespace.as_deref().unwrap_or("");
+    let digest =
+        Sha256::digest(format!("{}\n{}\n{}", source.identity(), path, namespace).as_bytes());
     format!("src-{}", &crate::source::hex(&digest)[..20])
 }
 
@@ -95,6 +99,7 @@ pub(super) async fn observe_inventory(
     Ok(Inventory {
         objects,
         foreign_in_namespace,
+        ..Inventory::default()
     })
 }
 
@@ -202,7 +207,19 @@ async fn foreign_objects(
             async move {
                 let items = match cluster.list(&rt, Some(namespace), None).await {
                     Ok(items) => items,
-                    Err(_) => return Ok::<_, ReconcileError>(Vec::new()),
+                    // A kind that vanished holds nothing.
+                    Err(ClusterError::Api {
+                        code: 404 | 405, ..
+                    }) => return Ok::<_, ReconcileError>(Vec::new()),
+                    // Fail closed: what cannot be listed may hold someone's objects, so the
+                    // namespace is kept.
+                    Err(e) => {
+                        return Ok(vec![format!(
+                            "{} that kommit could not list ({})",
+                            rt.resource.plural,
+                            first_words(&e.to_string())
+                        )]);
+                    }
                 };
                 Ok(items
                     .iter()
@@ -220,6 +237,15 @@ async fn foreign_objects(
     all.sort();
     all.truncate(5);
     Ok(all)
+}
+
+fn first_words(message: &str) -> String {
+    let first: String = message.chars().take(100).collect();
+    if first.len() < message.len() {
+        format!("{first}…")
+    } else {
+        first
+    }
 }
 
 /// Applied by kommit itself rather than derived from something it applied.

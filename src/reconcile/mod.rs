@@ -5,12 +5,13 @@
 //! `continuous` is the one policy for keeping a cluster on a branch, shared by `watch` and the
 //! operator.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::audit::{self, Outcome, RecordStore};
 use crate::cluster::{Cluster, ClusterError};
 use crate::commit::CommitInfo;
 use crate::object::ObjectKey;
+use crate::plan::decide::Unconsented;
 use crate::plan::decide::{self, PruneGuard};
 use crate::plan::{Action, Drifted, Plan, Problem, Step};
 use crate::source::{GitSource, SourceError};
@@ -71,6 +72,8 @@ pub struct Policy {
     /// Namespaces that may hold objects to prune besides those of the commit's objects (where
     /// the source's objects were before); searched when kommit may not list cluster-wide.
     pub prune_namespaces: Vec<String>,
+    /// Take over objects that exist without this source's inventory (`--adopt`).
+    pub adopt: bool,
 }
 
 impl Default for Policy {
@@ -88,6 +91,7 @@ impl Default for Policy {
             unpin: false,
             record_notes: false,
             prune_namespaces: Vec::new(),
+            adopt: false,
         }
     }
 }
@@ -121,6 +125,19 @@ pub enum ReconcileError {
     )]
     Drift { commit: String, drift: Vec<Drifted> },
     #[error(
+        "commit {commit} was not applied: {} already in the cluster and kommit did not create \
+         {}; nothing was changed in the cluster:\n{}\nTo take them over on purpose, sync with \
+         --adopt (in a GitSync: spec.adopt: true) or annotate their manifests \
+         kommit.dev/adopt: \"true\"; otherwise rename them in git",
+        count(objects.len(), "object"),
+        if objects.len() == 1 { "it" } else { "them" },
+        objects.iter().map(|o| format!("  - {o}")).collect::<Vec<_>>().join("\n")
+    )]
+    Adopt {
+        commit: String,
+        objects: Vec<Unconsented>,
+    },
+    #[error(
         "refusing to prune {} ({}); nothing was changed. If this is intended, re-run with \
          --max-prune {} or --allow-mass-prune; if not, check --path, --rev and --namespace",
         count(.0.count, "object"), .0.reason, .0.count
@@ -153,6 +170,10 @@ pub struct Prepared {
     pub live_inventory: usize,
     /// Objects whose fields other managers took over (empty when conflicts are forced).
     pub drift: Vec<Drifted>,
+    /// Existing objects kommit did not create and was not told to adopt.
+    pub unconsented: Vec<Unconsented>,
+    /// The uids of the live objects of this source's inventory (listed only when pruning).
+    inventory_uids: Vec<String>,
     steps: Vec<Step>,
     api_version_of: HashMap<ObjectKey, String>,
 }
@@ -236,19 +257,19 @@ pub async fn sync(
     progress: &dyn Progress,
 ) -> Result<SyncReport, ReconcileError> {
     let loaded = load(source, cluster, target).await?;
-    if policy.dry_run {
-        let prepared = plan_loaded(cluster, loaded, policy).await?;
-        let mut report = SyncReport::new(prepared.plan, Vec::new());
-        report.dry_run = true;
-        report.drift = prepared.drift;
-        return Ok(report);
-    }
     let store = RecordStore::new(
         cluster,
         &loaded.record_namespace(target, cluster),
         loaded.inventory(),
     );
     let mut record = store.load().await?;
+    if policy.dry_run {
+        let prepared = plan_loaded(cluster, loaded, policy, record.owned.as_ref()).await?;
+        let mut report = SyncReport::new(prepared.plan, Vec::new());
+        report.dry_run = true;
+        report.drift = prepared.drift;
+        return Ok(report);
+    }
     let commit = loaded.commit().clone();
     if let Some(skipped) = refuse_by_record(&mut record, &commit, policy)? {
         let mut report = SyncReport::new(
@@ -261,13 +282,26 @@ pub async fn sync(
         report.skipped = Some(skipped);
         return Ok(report);
     }
-    let prepared = plan_loaded(cluster, loaded, policy).await?;
-    let applied = apply_prepared(source, cluster, &prepared, policy).await?;
+    let prepared = plan_loaded(cluster, loaded, policy, record.owned.as_ref()).await?;
+    let owned_before = record.owned.clone();
+    let applied = match apply_prepared(source, cluster, &prepared, policy, &mut record).await {
+        Ok(applied) => applied,
+        Err(e) => {
+            // What was written before the failure is this source's: remembered, or the next
+            // sync would take it for someone else's.
+            if record.owned != owned_before {
+                store.save(&record).await?;
+            }
+            return Err(e);
+        }
+    };
+    let owned_changed = record.owned != owned_before;
     let mut report = SyncReport::new(prepared.plan.clone(), applied);
     let journal = Journal::new(source, cluster, policy, &commit, &prepared);
     let Some(wait_options) = &policy.wait else {
         journal.synced(&report.applied).await;
-        if !(report.applied.is_empty() && journal.already_recorded(&record, false)) {
+        if owned_changed || !(report.applied.is_empty() && journal.already_recorded(&record, false))
+        {
             let note = "applied".to_string();
             journal
                 .outcome(&mut record, Outcome::Applied, None, None, note)
@@ -297,7 +331,7 @@ pub async fn sync(
             journal.event(key, false, "RolledBack", note).await;
         }
         let unchanged = report.applied.is_empty() && report.returned_to.is_empty();
-        if !(unchanged && journal.already_recorded(&record, true)) {
+        if owned_changed || !(unchanged && journal.already_recorded(&record, true)) {
             let note = "healthy".to_string();
             journal
                 .outcome(&mut record, Outcome::Healthy, None, None, note)
@@ -328,8 +362,16 @@ pub async fn sync(
     report.rollout = Some(outcome.clone());
     match healthy_before {
         Some(previous) if policy.auto_rollback => {
-            let (to, back_outcome) =
-                roll_back(source, cluster, target, policy, progress, &previous).await?;
+            let (to, back_outcome) = roll_back(
+                source,
+                cluster,
+                target,
+                policy,
+                progress,
+                &previous,
+                &mut record,
+            )
+            .await?;
             let message = format!(
                 "rolled back to {} (\"{}\") after commit {} failed: {reason}",
                 to.short_sha(),
@@ -382,6 +424,7 @@ async fn roll_back(
     policy: &Policy,
     progress: &dyn Progress,
     previous: &str,
+    record: &mut audit::Record,
 ) -> Result<(CommitInfo, WaitOutcome), ReconcileError> {
     let target = Target {
         rev: Some(previous.to_string()),
@@ -393,8 +436,8 @@ async fn roll_back(
     };
     let loaded = load(source, cluster, &target).await?;
     let to = loaded.commit().clone();
-    let back = plan_loaded(cluster, loaded, &policy).await?;
-    apply_prepared(source, cluster, &back, &policy).await?;
+    let back = plan_loaded(cluster, loaded, &policy, record.owned.as_ref()).await?;
+    apply_prepared(source, cluster, &back, &policy, record).await?;
     let wait_options = policy.wait.clone().unwrap_or_default();
     let outcome = wait::wait_healthy(
         cluster,
@@ -447,7 +490,14 @@ pub async fn prepare(
     policy: &Policy,
 ) -> Result<Prepared, ReconcileError> {
     let loaded = load(source, cluster, target).await?;
-    plan_loaded(cluster, loaded, policy).await
+    let record = RecordStore::new(
+        cluster,
+        &loaded.record_namespace(target, cluster),
+        loaded.inventory(),
+    )
+    .load()
+    .await?;
+    plan_loaded(cluster, loaded, policy, record.owned.as_ref()).await
 }
 
 /// Observes the cluster for loaded objects and decides what to do. Nothing is written.
@@ -455,6 +505,7 @@ pub async fn plan_loaded(
     cluster: &Cluster,
     loaded: Loaded,
     policy: &Policy,
+    recorded: Option<&BTreeSet<String>>,
 ) -> Result<Prepared, ReconcileError> {
     let span = tracing::info_span!("plan", repo = %loaded.source.repo, commit = %loaded.source.commit.short_sha());
     let Loaded {
@@ -468,7 +519,7 @@ pub async fn plan_loaded(
     )
     .await?;
     // Listing every kind is only worth it when something may be pruned.
-    let live = if policy.prune {
+    let mut live = if policy.prune {
         tracing::Instrument::instrument(
             inventory::observe_inventory(cluster, &inventory, &desired, &policy.prune_namespaces),
             span,
@@ -477,10 +528,20 @@ pub async fn plan_loaded(
     } else {
         decide::Inventory::default()
     };
+    live.id = inventory.clone();
+    live.recorded = recorded.cloned();
+    let inventory_uids = live
+        .objects
+        .iter()
+        .filter(|o| live.owner_of(&o.object) == decide::Owner::ThisSource)
+        .filter_map(|o| o.object.pointer("/metadata/uid").and_then(|u| u.as_str()))
+        .map(str::to_string)
+        .collect();
     let commit = source.commit.short_sha().to_string();
     let options = decide::Options {
         prune: policy.prune,
         force_conflicts: policy.force_conflicts,
+        adopt: policy.adopt,
     };
     let decision = decide::decide(source, desired, observations, live, options)
         .map_err(|problems| ReconcileError::Invalid { commit, problems })?;
@@ -494,21 +555,31 @@ pub async fn plan_loaded(
         inventory,
         live_inventory: decision.live_inventory,
         drift: decision.drift,
+        unconsented: decision.unconsented,
+        inventory_uids,
         steps: decision.steps,
         api_version_of,
     })
 }
 
-/// Applies a prepared commit, unless it would prune too much or overwrite fields others took
-/// over; in either case nothing is written.
+/// Applies a prepared commit, unless it would prune too much, overwrite fields others took over
+/// or take over objects kommit did not create; then nothing is written. The uids of what this
+/// source owns afterwards go into `record` (also when the apply stops part-way).
 async fn apply_prepared(
     source: &GitSource,
     cluster: &mut Cluster,
     prepared: &Prepared,
     policy: &Policy,
+    record: &mut audit::Record,
 ) -> Result<Vec<(Action, ObjectKey)>, ReconcileError> {
     check_prune_guard(prepared, policy)?;
     let commit = &prepared.plan.source.commit;
+    if !prepared.unconsented.is_empty() {
+        return Err(ReconcileError::Adopt {
+            commit: commit.short_sha().to_string(),
+            objects: prepared.unconsented.clone(),
+        });
+    }
     if !prepared.drift.is_empty() {
         return Err(ReconcileError::Drift {
             commit: commit.short_sha().to_string(),
@@ -517,11 +588,55 @@ async fn apply_prepared(
     }
     let attribution = apply::attribution(source, prepared).await?;
     let span = tracing::info_span!("apply", repo = %source.display(), commit = %commit.short_sha());
-    tracing::Instrument::instrument(
-        apply::apply_steps(cluster, prepared, &attribution, policy),
+    let mut applied = apply::Applied::default();
+    let outcome = tracing::Instrument::instrument(
+        apply::apply_steps(cluster, prepared, &attribution, policy, &mut applied),
         span,
     )
-    .await
+    .await;
+    record.owned = Some(owned_after(
+        prepared,
+        record.owned.as_ref(),
+        &applied,
+        policy.prune,
+    ));
+    outcome.map(|()| applied.done)
+}
+
+/// The uids this source owns after carrying `prepared` out as far as `applied` got: what it
+/// owned before, less what it pruned or replaced, plus everything of the commit now in the
+/// cluster.
+fn owned_after(
+    prepared: &Prepared,
+    before: Option<&BTreeSet<String>>,
+    applied: &apply::Applied,
+    listed_inventory: bool,
+) -> BTreeSet<String> {
+    let mut owned = before.cloned().unwrap_or_default();
+    // Before kommit kept uids, the inventory label was the record: what it listed stays ours.
+    if before.is_none() && listed_inventory {
+        owned.extend(prepared.inventory_uids.iter().cloned());
+    }
+    let done: std::collections::HashSet<(Action, &ObjectKey)> =
+        applied.done.iter().map(|(a, k)| (*a, k)).collect();
+    for step in &prepared.steps {
+        let written = done.contains(&(step.action, &step.key));
+        match step.action {
+            Action::Prune | Action::Replace if written => {
+                if let Some(uid) = &step.live_uid {
+                    owned.remove(uid);
+                }
+            }
+            Action::Unchanged => owned.extend(step.live_uid.iter().cloned()),
+            _ => {}
+        }
+        if step.action != Action::Prune
+            && let Some(uid) = applied.uids.get(&step.key)
+        {
+            owned.insert(uid.clone());
+        }
+    }
+    owned
 }
 
 /// Checks the prune guard: a sync that would delete a whole app, or many objects, needs consent.
