@@ -19,7 +19,11 @@ fn shop_repo(namespace: &str) -> GitRepo {
         let text = std::fs::read_to_string(&file).unwrap();
         let text = text
             .replace("namespace: shop", &format!("namespace: {namespace}"))
-            .replace("name: shop\n", &format!("name: {namespace}\n"));
+            // The harness made the namespace, not kommit: the manifest asks to adopt it.
+            .replace(
+                "name: shop\n",
+                &format!("name: {namespace}\n  annotations:\n    kommit.dev/adopt: \"true\"\n"),
+            );
         repo.write(
             &format!("deploy/{}", file.file_name().unwrap().to_str().unwrap()),
             &text,
