@@ -594,3 +594,47 @@ fn an_unreachable_cluster_is_a_clear_error() {
     );
     let _ = Duration::from_secs(0);
 }
+
+#[test]
+fn a_crd_its_resource_and_another_object_sync_together_the_first_time() {
+    let ns = TestNamespace::new("crd-first");
+    // A group per test run: CRDs are cluster-wide.
+    let group = format!("{}.example.com", ns.name);
+    let repo = GitRepo::new();
+    repo.write(
+        "deploy/crd.yaml",
+        &format!(
+            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names: {{plural: widgets, singular: widget, kind: Widget}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        properties:\n          spec:\n            type: object\n            properties:\n              size: {{type: integer}}\n"
+        ),
+    )
+    .write(
+        "deploy/widget.yaml",
+        &format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: w\nspec:\n  size: 3\n"),
+    )
+    .write(
+        "deploy/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  a: \"1\"\n",
+    );
+    repo.commit("A Widget kind, a Widget and a ConfigMap");
+    let first = sync(&repo, &["-n", &ns.name, "--no-wait"]);
+    let crd = format!("customresourcedefinition/widgets.{group}");
+    let cleanup = || {
+        let _ = kubectl(&["delete", &crd, "--wait=false"]);
+    };
+    if first.code != 0 {
+        cleanup();
+        panic!("{first:?}");
+    }
+    assert_eq!(
+        jsonpath(&ns.name, &format!("widget.{group}/w"), "{.spec.size}"),
+        "3"
+    );
+    assert!(
+        kubectl(&["get", "-n", &ns.name, "configmap/settings"])
+            .status
+            .success()
+    );
+    let again = diff(&repo, &["-n", &ns.name]);
+    cleanup();
+    assert_eq!(again.code, 0, "in sync after the first sync: {again:?}");
+}

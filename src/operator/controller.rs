@@ -148,9 +148,10 @@ fn error_policy(gitsync: Arc<GitSync>, error: &OperatorError, _: Arc<Context>) -
 
 /// The inventory label value of a GitSync: readable when short, hashed when not.
 fn inventory_of(gitsync: &GitSync) -> String {
-    // `_` appears in no namespace or object name, so `team/a-web` and `team-a/web` differ.
+    // A namespace holds no `.`, so the first one after `gs.` ends it: `team/a-web` and
+    // `team-a/web` differ. The record ConfigMap is named after it, so it stays a DNS subdomain.
     let name = format!(
-        "gs_{}_{}",
+        "gs.{}.{}",
         gitsync.namespace().unwrap_or_default(),
         gitsync.name_any()
     );
@@ -158,7 +159,7 @@ fn inventory_of(gitsync: &GitSync) -> String {
         return name;
     }
     let digest = Sha256::digest(name.as_bytes());
-    format!("gs_{}", &crate::source::hex(&digest)[..40])
+    format!("gs.{}", &crate::source::hex(&digest)[..40])
 }
 
 async fn reconcile_one(
@@ -692,10 +693,10 @@ mod tests {
             serde_json::from_value(json!({"repo": "file:///r"})).unwrap(),
         );
         gs.metadata.namespace = Some("team".into());
-        assert_eq!(inventory_of(&gs), "gs_team_shop");
+        assert_eq!(inventory_of(&gs), "gs.team.shop");
         gs.metadata.name = Some("x".repeat(80));
         let long = inventory_of(&gs);
-        assert!(long.len() <= 63 && long.starts_with("gs_"), "{long}");
+        assert!(long.len() <= 63 && long.starts_with("gs."), "{long}");
         let named = |namespace: &str, name: &str| {
             let spec = serde_json::from_value(json!({"repo": "file:///r"})).unwrap();
             let mut gs = GitSync::new(name, spec);

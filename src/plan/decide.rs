@@ -1219,7 +1219,7 @@ mod tests {
     fn another_sources_object_is_never_taken_over() {
         let d = config_map("shared", "2");
         let mut other = live(&d, "1");
-        other["metadata"]["labels"] = json!({INVENTORY_LABEL: "gs_team-b_web"});
+        other["metadata"]["labels"] = json!({INVENTORY_LABEL: "gs.team-b.web"});
         other["metadata"]["annotations"] = json!({SOURCE_ANNOTATION: "git@example.com:b.git"});
         let problems = decide_one(
             d,
@@ -1236,7 +1236,7 @@ mod tests {
         assert_eq!(problems[0].kind, ProblemKind::OtherSource);
         assert!(
             problems[0].message.contains("git@example.com:b.git")
-                && problems[0].message.contains("gs_team-b_web"),
+                && problems[0].message.contains("gs.team-b.web"),
             "{}",
             problems[0].message
         );

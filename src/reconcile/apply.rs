@@ -83,11 +83,21 @@ pub(super) async fn apply_steps(
             .or_default()
             .push(step);
     }
-    let mut applied_crds = false;
+    // Objects of kinds whose CustomResourceDefinitions this commit brings.
+    let new_kinds: Vec<&Step> = writes
+        .iter()
+        .copied()
+        .filter(|s| s.resource.is_none() && s.action != Action::Prune)
+        .collect();
+    let mut new_kinds_accepted = new_kinds.is_empty();
     for (tier, steps) in tiers {
-        if applied_crds {
-            wait_for_new_kinds(cluster, &steps).await?;
-            applied_crds = false;
+        if tier > 1 && !new_kinds_accepted {
+            // Before anything but namespaces and CRDs is written, the new kinds must be served
+            // and their objects accepted, so that a refused one leaves only the CRDs.
+            if let Err((key, source)) = accept_new_kinds(cluster, &new_kinds, policy).await {
+                return Err(failed(applied, &key, source));
+            }
+            new_kinds_accepted = true;
         }
         let cluster_now = &*cluster;
         let writes: Vec<_> = steps
@@ -114,9 +124,6 @@ pub(super) async fn apply_steps(
         }
         if let Some((key, source)) = failure {
             return Err(failed(applied, &key, source));
-        }
-        if tier == 1 {
-            applied_crds = true;
         }
     }
 
@@ -241,33 +248,62 @@ async fn write(
     cluster.apply(rt, &step.key, body, false, force).await
 }
 
-/// After CRDs were applied: wait until the API serves the kinds the next steps need.
-async fn wait_for_new_kinds(cluster: &mut Cluster, steps: &[&Step]) -> Result<(), ReconcileError> {
-    if steps.iter().all(|s| s.resource.is_some()) {
-        return Ok(());
-    }
+/// After the commit's CRDs were applied: waits until the API serves their kinds, then asks the
+/// server (dry run) to accept every object of them, before the rest of the commit is written.
+async fn accept_new_kinds(
+    cluster: &mut Cluster,
+    steps: &[&Step],
+    policy: &Policy,
+) -> Result<(), (ObjectKey, ClusterError)> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        cluster.refresh_discovery().await?;
+        cluster
+            .refresh_discovery()
+            .await
+            .map_err(|e| (steps[0].key.clone(), e))?;
         let missing: Vec<&Step> = steps
             .iter()
             .copied()
-            .filter(|s| s.resource.is_none())
             .filter(|s| cluster.resolve(&s.api_version, &s.key.kind).is_err())
             .collect();
         if missing.is_empty() {
-            return Ok(());
+            break;
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(ClusterError::Timeout {
-                object: missing[0].key.to_string(),
-                what: "its CustomResourceDefinition is established",
-                seconds: 60,
-            }
-            .into());
+            return Err((
+                missing[0].key.clone(),
+                ClusterError::Timeout {
+                    object: missing[0].key.to_string(),
+                    what: "its CustomResourceDefinition is established",
+                    seconds: 60,
+                },
+            ));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let cluster = &*cluster;
+    let checks: Vec<_> = steps
+        .iter()
+        .map(|step| {
+            async move {
+                let rt = cluster
+                    .resolve(&step.api_version, &step.key.kind)
+                    .map_err(|e| (step.key.clone(), e))?;
+                let body = step.body.clone().unwrap_or(Value::Null);
+                cluster
+                    .apply(&rt, &step.key, &body, true, policy.force_conflicts)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| (step.key.clone(), e))
+            }
+            .boxed()
+        })
+        .collect();
+    let results: Vec<Result<(), (ObjectKey, ClusterError)>> = stream::iter(checks)
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
 
 #[cfg(test)]
