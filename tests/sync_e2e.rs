@@ -81,8 +81,8 @@ fn first_sync_creates_everything_and_then_the_cluster_matches_the_commit() {
     let first = sync(&repo, &[]);
     assert_eq!(first.code, 0, "{first:?}");
     assert!(
-        first.stdout.contains("4 to create, 1 to update"),
-        "the namespace exists already, so it is updated (labelled): {first:?}"
+        first.stdout.contains("4 to create, 0 to update, 1 to adopt"),
+        "the harness made the namespace, so the manifest's annotation adopts it: {first:?}"
     );
     assert!(rollout_status(&ns.name, "web", "120s").status.success());
     kubectl_ok(&[
@@ -488,7 +488,7 @@ fn a_field_owned_by_another_manager_is_a_conflict_until_forced() {
     let run = kommit(&["sync", "--repo", repo.path_str()]);
     assert_eq!(run.code, 2, "{run:?}");
     assert!(
-        run.stderr.contains(".data.max") && run.stderr.contains("\"oncall\""),
+        run.stderr.contains("ConfigMap limits: .data.max (oncall)"),
         "names field and manager: {run:?}"
     );
     assert!(run.stderr.contains("--force-conflicts"), "{run:?}");
