@@ -600,7 +600,10 @@ impl Cluster {
         }
     }
 
-    fn classify(&self, error: kube::Error, object: &str, action: &'static str) -> ClusterError {
+    /// Turns an error of a request this cluster's client made into a [`ClusterError`] (a 403
+    /// into [`ClusterError::Forbidden`] naming who was refused): for code that uses
+    /// [`Cluster::client`] directly.
+    pub fn classify(&self, error: kube::Error, object: &str, action: &'static str) -> ClusterError {
         let mut error = classify_error(error, object, action, &self.server);
         if let (ClusterError::Forbidden { denied, .. }, Some(identity)) =
             (&mut error, &self.acting_as)
