@@ -190,6 +190,17 @@ kommit.dev/reconcile-requested-at=\"$(date +%s)\" --overwrite` does the same by 
         /// How long a leader's lease lasts unrenewed: the longest a dead leader delays a takeover
         #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
         lease_duration: std::time::Duration,
+        /// GitSyncs without spec.serviceAccountName act as this ServiceAccount of their own
+        /// namespace (default: as the operator itself, for a single-team cluster)
+        #[arg(long, value_name = "NAME")]
+        default_service_account: Option<String>,
+        /// Let GitSyncs sync local paths and file:// repositories of the operator's machine
+        #[arg(long)]
+        allow_local_repos: bool,
+        /// Lend the operator's own git credentials (KOMMIT_GIT_TOKEN, KOMMIT_GIT_SSH_KEY, ssh
+        /// agent, credential helper) to GitSyncs without spec.secretRef
+        #[arg(long)]
+        use_operator_credentials: bool,
     },
     /// Which commit is live and whether the cluster is in sync with it
     Status {
@@ -520,6 +531,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             leader_election_namespace,
             lease_name,
             lease_duration,
+            default_service_account,
+            allow_local_repos,
+            use_operator_credentials,
         } => {
             // From the environment only: a secret on the command line shows in `ps`.
             let webhook_secret = std::env::var("KOMMIT_WEBHOOK_SECRET")
@@ -562,6 +576,24 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     "kommit: no webhook secret (KOMMIT_WEBHOOK_SECRET): webhooks are refused"
                 );
             }
+            eprintln!(
+                "kommit: GitSyncs act as their spec.serviceAccountName, else {}{}{}",
+                default_service_account.as_deref().map_or(
+                    "as the operator itself (single-team; see --default-service-account)"
+                        .to_string(),
+                    |sa| format!("as ServiceAccount {sa} of their namespace")
+                ),
+                if allow_local_repos {
+                    "; local repositories allowed"
+                } else {
+                    ""
+                },
+                if use_operator_credentials {
+                    "; the operator's git credentials are lent to GitSyncs without secretRef"
+                } else {
+                    ""
+                },
+            );
             let options = crate::operator::run::OperatorOptions {
                 watch_namespace,
                 listener,
@@ -569,6 +601,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 webhook_secret: webhook_secret.map(String::into_bytes),
                 cache_dir: default_cache_dir(),
                 ambient: ambient_credentials(),
+                tenancy: crate::operator::controller::Tenancy {
+                    default_service_account,
+                    allow_local_repos,
+                    use_operator_credentials,
+                },
             };
             crate::operator::run::run(cluster, options).await?;
             Ok(exit::OK)

@@ -1,5 +1,6 @@
 //! The only module that talks to the API server: discovery, get, list, server-side apply (and its
-//! dry run), delete.
+//! dry run), delete. A [`Cluster`] may act as another identity (a GitSync's ServiceAccount, by
+//! impersonation), so that Kubernetes RBAC decides what a commit may touch.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,13 +52,12 @@ pub enum ClusterError {
         /// True when the rejection is about an immutable field (a replace can fix it).
         immutable: bool,
     },
-    #[error(
-        "{object}: {action} was forbidden: {message}; the identity in your kubeconfig needs RBAC permission for it"
-    )]
+    /// The API server refused a request: who may not do what, where, and how to allow it.
+    #[error("{object}: {action} was forbidden: {}", denied)]
     Forbidden {
         object: String,
         action: &'static str,
-        message: String,
+        denied: Box<Denied>,
     },
     #[error("{object}: {action} failed: {message}")]
     Api {
@@ -72,6 +72,185 @@ pub enum ClusterError {
         what: &'static str,
         seconds: u64,
     },
+}
+
+/// What the API server refused, read from its 403: who may not do what, and where.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Denied {
+    /// The identity refused (empty when the server did not say).
+    pub user: String,
+    /// The Kubernetes verb: get, list, watch, create, patch, delete, impersonate.
+    pub verb: String,
+    /// The resource (plural), e.g. `configmaps`.
+    pub resource: String,
+    /// Its API group (empty for the core group).
+    pub group: String,
+    /// Where: a namespace, or `None` for the cluster scope.
+    pub namespace: Option<String>,
+    /// The server's own words.
+    pub message: String,
+    /// The request was made as a ServiceAccount (or user) kommit impersonated.
+    pub impersonated: bool,
+}
+
+/// The verbs kommit uses on a kind it syncs: read, watch for health, apply, prune.
+const SYNC_VERBS: &str = "get,list,watch,create,patch,delete";
+
+impl Denied {
+    fn from_status(status: &Status, action: &str) -> Self {
+        let message = status.message.clone();
+        let quoted_after = |marker: &str| -> Option<String> {
+            let rest = &message[message.find(marker)? + marker.len()..];
+            Some(rest[..rest.find('"')?].to_string())
+        };
+        let user = quoted_after("User \"")
+            .or_else(|| quoted_after("user \""))
+            .unwrap_or_default();
+        // `... cannot patch resource "configmaps" in API group "" in the namespace "b"`
+        let verb = message
+            .split_once(" cannot ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .filter(|_| message.contains(" resource \""))
+            .map(str::to_string);
+        let (verb, resource, group, namespace) = match verb {
+            Some(verb) => (
+                verb,
+                quoted_after(" resource \"").unwrap_or_default(),
+                quoted_after(" in API group \"").unwrap_or_default(),
+                quoted_after(" in the namespace \""),
+            ),
+            // Not the authorizer's words (an admission plugin, RBAC escalation): what we know.
+            None => (
+                verb_of(action).to_string(),
+                status
+                    .details
+                    .as_ref()
+                    .map(|d| d.kind.clone())
+                    .unwrap_or_default(),
+                status
+                    .details
+                    .as_ref()
+                    .map(|d| d.group.clone())
+                    .unwrap_or_default(),
+                None,
+            ),
+        };
+        Denied {
+            user,
+            verb,
+            resource,
+            group,
+            namespace,
+            message,
+            impersonated: false,
+        }
+    }
+
+    /// `configmaps`, or `clusterrolebindings.rbac.authorization.k8s.io`, as kubectl takes it.
+    pub fn qualified_resource(&self) -> String {
+        if self.group.is_empty() {
+            self.resource.clone()
+        } else {
+            format!("{}.{}", self.resource, self.group)
+        }
+    }
+
+    fn who(&self) -> String {
+        match service_account_of(&self.user) {
+            Some((namespace, name)) => format!("ServiceAccount {namespace}/{name}"),
+            None if self.user.is_empty() => "the identity in your kubeconfig".to_string(),
+            None => format!("user {}", self.user),
+        }
+    }
+
+    /// The kubectl commands that would allow what was refused.
+    pub fn hint(&self) -> Option<String> {
+        if self.resource.is_empty() || self.user.is_empty() {
+            return None;
+        }
+        if self.verb == "impersonate" {
+            return Some(format!(
+                "kommit's own identity ({}) needs `impersonate` on {}{}: install the chart with \
+                 tenancy.mode=locked, or `kubectl create clusterrole kommit-impersonate \
+                 --verb=impersonate --resource=serviceaccounts` and bind it to kommit's \
+                 ServiceAccount",
+                self.user,
+                self.qualified_resource(),
+                self.namespace
+                    .as_deref()
+                    .map_or(String::new(), |ns| format!(" in namespace {ns}"))
+            ));
+        }
+        let resource = self.qualified_resource();
+        let role = format!("kommit-{resource}");
+        let (subject, short) = match service_account_of(&self.user) {
+            Some((namespace, name)) => (format!("--serviceaccount={namespace}:{name}"), name),
+            None => (format!("--user={}", self.user), self.user.as_str()),
+        };
+        let binding = format!("{short}-{resource}")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect::<String>();
+        let bind = match &self.namespace {
+            Some(ns) => {
+                format!(
+                    "kubectl create rolebinding {binding} -n {ns} --clusterrole={role} {subject}"
+                )
+            }
+            None => {
+                format!(
+                    "kubectl create clusterrolebinding {binding} --clusterrole={role} {subject}"
+                )
+            }
+        };
+        let rbac_note = if self.group == "rbac.authorization.k8s.io" {
+            " (a binding also needs `bind` on the role it grants, or every permission in it)"
+        } else {
+            ""
+        };
+        Some(format!(
+            "to allow it: `kubectl create clusterrole {role} --verb={SYNC_VERBS} \
+             --resource={resource}` (once), then `{bind}`{rbac_note}"
+        ))
+    }
+}
+
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let who = self.who();
+        if self.resource.is_empty() || self.message.contains("attempting to grant") {
+            write!(f, "{}; {who} needs RBAC permission for it", self.message)?;
+        } else {
+            let place = match &self.namespace {
+                Some(ns) => format!("in namespace {ns}"),
+                None => "cluster-wide".to_string(),
+            };
+            write!(
+                f,
+                "{who} may not {} {} {place}",
+                self.verb,
+                self.qualified_resource()
+            )?;
+        }
+        if let Some(hint) = self.hint() {
+            write!(f, "; {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The Kubernetes verb behind one of kommit's actions.
+fn verb_of(action: &str) -> &str {
+    match action {
+        "apply" | "dry-run apply" => "patch",
+        other => other,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,11 +279,52 @@ impl ResourceType {
 /// A connection to one cluster, with its API discovery (two requests, done once).
 #[derive(Clone)]
 pub struct Cluster {
+    /// Acts as `acting_as` when set, else as the identity of the configuration.
     client: Client,
+    /// The configuration's own identity, for what this process keeps for itself (Events).
+    own_client: Client,
+    /// The loaded configuration, from which impersonating clients are made.
+    config: std::sync::Arc<Config>,
     discovery: std::sync::Arc<Discovery>,
     default_namespace: String,
     server: String,
     instance: Option<String>,
+    acting_as: Option<Identity>,
+}
+
+/// Someone a [`Cluster`] acts as by impersonation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user name, e.g. `system:serviceaccount:team-a:deployer`.
+    pub user: String,
+    /// Groups sent with it. A ServiceAccount needs none: the API server adds
+    /// `system:serviceaccounts` and `system:serviceaccounts:<namespace>` itself when none are sent,
+    /// and sending groups would need `impersonate` on every group (system:masters included).
+    pub groups: Vec<String>,
+}
+
+impl Identity {
+    /// The ServiceAccount `name` of `namespace`, as the API server names it.
+    pub fn service_account(namespace: &str, name: &str) -> Self {
+        Identity {
+            user: format!("system:serviceaccount:{namespace}:{name}"),
+            groups: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match service_account_of(&self.user) {
+            Some((namespace, name)) => write!(f, "ServiceAccount {namespace}/{name}"),
+            None => write!(f, "user {}", self.user),
+        }
+    }
+}
+
+/// `(namespace, name)` of a ServiceAccount's user name.
+fn service_account_of(user: &str) -> Option<(&str, &str)> {
+    user.strip_prefix("system:serviceaccount:")?.split_once(':')
 }
 
 impl std::fmt::Debug for Cluster {
@@ -123,18 +343,44 @@ impl Cluster {
         config.connect_timeout = Some(Duration::from_secs(10));
         let server = config.cluster_url.to_string();
         let default_namespace = config.default_namespace.clone();
-        let client = Client::try_from(config).map_err(|e| ClusterError::Config {
-            message: e.to_string(),
-            hint: "check the cluster and user entries of the kubeconfig".to_string(),
-        })?;
+        let client = client_for(config.clone())?;
         let discovery = run_discovery(&client, &server).await?;
         Ok(Cluster {
+            own_client: client.clone(),
             client,
+            config: std::sync::Arc::new(config),
             discovery: std::sync::Arc::new(discovery),
             default_namespace,
             server,
             instance: options.instance.clone(),
+            acting_as: None,
         })
+    }
+
+    /// The same cluster, every request made as `identity` (Kubernetes impersonation); the
+    /// discovery is shared. This process's own identity needs `impersonate` on it (for a
+    /// ServiceAccount: on `serviceaccounts` in its namespace).
+    pub fn impersonating(&self, identity: Identity) -> Result<Cluster, ClusterError> {
+        let mut config = (*self.config).clone();
+        config.auth_info.impersonate = Some(identity.user.clone());
+        config.auth_info.impersonate_groups =
+            (!identity.groups.is_empty()).then(|| identity.groups.clone());
+        Ok(Cluster {
+            client: client_for(config)?,
+            acting_as: Some(identity),
+            ..self.clone()
+        })
+    }
+
+    /// Who the requests are made as, when not as the configuration's own identity.
+    pub fn acting_as(&self) -> Option<&Identity> {
+        self.acting_as.as_ref()
+    }
+
+    /// A client with this process's own identity, even when the cluster acts as another: for
+    /// what the process keeps for itself, such as the Events it publishes.
+    pub fn own_client(&self) -> &Client {
+        &self.own_client
     }
 
     /// Runs discovery again (after CustomResourceDefinitions were applied).
@@ -407,9 +653,28 @@ impl Cluster {
         }
     }
 
-    fn classify(&self, error: kube::Error, object: &str, action: &'static str) -> ClusterError {
-        classify_error(error, object, action, &self.server)
+    /// Turns an error of a request this cluster's client made into a [`ClusterError`] (a 403
+    /// into [`ClusterError::Forbidden`] naming who was refused): for code that uses
+    /// [`Cluster::client`] directly.
+    pub fn classify(&self, error: kube::Error, object: &str, action: &'static str) -> ClusterError {
+        let mut error = classify_error(error, object, action, &self.server);
+        if let (ClusterError::Forbidden { denied, .. }, Some(identity)) =
+            (&mut error, &self.acting_as)
+        {
+            denied.impersonated = true;
+            if denied.user.is_empty() {
+                denied.user = identity.user.clone();
+            }
+        }
+        error
     }
+}
+
+fn client_for(config: Config) -> Result<Client, ClusterError> {
+    Client::try_from(config).map_err(|e| ClusterError::Config {
+        message: e.to_string(),
+        hint: "check the cluster and user entries of the kubeconfig".to_string(),
+    })
 }
 
 async fn load_config(options: &ConnectOptions) -> Result<Config, ClusterError> {
@@ -520,7 +785,7 @@ fn classify_status(status: Status, object: &str, action: &'static str) -> Cluste
         403 => ClusterError::Forbidden {
             object: object.to_string(),
             action,
-            message: status.message,
+            denied: Box::new(Denied::from_status(&status, action)),
         },
         code => ClusterError::Api {
             object: object.to_string(),
@@ -623,6 +888,101 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_refusal_names_who_what_where_and_the_rolebinding_that_allows_it() {
+        let err = classify_status(
+            status(
+                403,
+                "configmaps \"precious\" is forbidden: User \"system:serviceaccount:a:deployer\" \
+                 cannot patch resource \"configmaps\" in API group \"\" in the namespace \"b\"",
+                vec![],
+            ),
+            "ConfigMap b/precious",
+            "dry-run apply",
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "ConfigMap b/precious: dry-run apply was forbidden: ServiceAccount a/deployer may \
+                 not patch configmaps in namespace b; to allow it:"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "`kubectl create rolebinding deployer-configmaps -n b \
+                 --clusterrole=kommit-configmaps --serviceaccount=a:deployer`"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("kubectl create clusterrole kommit-configmaps --verb=get,list,watch,create,patch,delete --resource=configmaps"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_cluster_scoped_refusal_suggests_a_clusterrolebinding() {
+        let err = classify_status(
+            status(
+                403,
+                "clusterrolebindings.rbac.authorization.k8s.io \"root\" is forbidden: User \
+                 \"system:serviceaccount:a:default\" cannot patch resource \
+                 \"clusterrolebindings\" in API group \"rbac.authorization.k8s.io\" at the \
+                 cluster scope",
+                vec![],
+            ),
+            "ClusterRoleBinding root",
+            "apply",
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "ServiceAccount a/default may not patch \
+                 clusterrolebindings.rbac.authorization.k8s.io cluster-wide"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("`kubectl create clusterrolebinding default-clusterrolebindings.rbac.authorization.k8s.io --clusterrole=kommit-clusterrolebindings.rbac.authorization.k8s.io --serviceaccount=a:default`"),
+            "{text}"
+        );
+        assert!(text.contains("`bind`"), "{text}");
+    }
+
+    #[test]
+    fn a_refused_impersonation_points_at_kommits_own_role() {
+        let err = classify_status(
+            status(
+                403,
+                "serviceaccounts \"deployer\" is forbidden: User \"system:serviceaccount:kommit:kommit\" \
+                 cannot impersonate resource \"serviceaccounts\" in API group \"\" in the \
+                 namespace \"a\"",
+                vec![],
+            ),
+            "ConfigMap a/settings",
+            "get",
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("may not impersonate serviceaccounts in namespace a"),
+            "{text}"
+        );
+        assert!(text.contains("tenancy.mode=locked"), "{text}");
+    }
+
+    #[test]
+    fn a_refusal_in_other_words_keeps_them_and_says_who() {
+        let err = classify_status(
+            status(403, "namespace b is being terminated", vec![]),
+            "ConfigMap b/x",
+            "apply",
+        );
+        let text = err.to_string();
+        assert!(text.contains("namespace b is being terminated"), "{text}");
+        assert!(text.contains("the identity in your kubeconfig"), "{text}");
     }
 
     #[test]

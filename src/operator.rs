@@ -33,8 +33,9 @@ pub mod webhook;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GitSyncSpec {
-    /// Repository URL (https://, ssh://, git@host:path, or file:// for a path the operator can
-    /// read).
+    /// Repository URL (https://, ssh:// or git@host:path). A file:// URL or a path is read only
+    /// by an operator started with `--allow-local-repos`. Credentials belong in `secretRef`, not
+    /// in the URL (where they are redacted wherever the URL is shown).
     pub repo: String,
     /// Branch to follow (default: the repository's default branch). Exclusive with `rev`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -69,6 +70,11 @@ pub struct GitSyncSpec {
     /// Take over objects of the commit that already exist and that kommit did not create.
     #[serde(default)]
     pub adopt: bool,
+    /// The ServiceAccount of this namespace whose rights the commit has: every read, dry run,
+    /// write and prune is made as it (impersonated), so RBAC decides what the commit may touch.
+    /// Default: the operator's `--default-service-account`, else the operator itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
 }
 
 fn default_interval() -> String {
@@ -150,6 +156,12 @@ pub enum Reason {
     FailedBefore,
     /// The commit would take over objects kommit did not create, without `spec.adopt`.
     AdoptionRefused,
+    /// The GitSync's ServiceAccount may not do what the commit needs (RBAC said no).
+    Forbidden,
+    /// The operator does not read this kind of source for GitSyncs (a local path or file://).
+    SourceNotAllowed,
+    /// The spec asks for something that cannot be (e.g. an invalid serviceAccountName).
+    InvalidSpec,
 }
 
 impl Reason {
@@ -172,6 +184,9 @@ impl Reason {
             Reason::RolloutFailed => "RolloutFailed",
             Reason::FailedBefore => "FailedBefore",
             Reason::AdoptionRefused => "AdoptionRefused",
+            Reason::Forbidden => "Forbidden",
+            Reason::SourceNotAllowed => "SourceNotAllowed",
+            Reason::InvalidSpec => "InvalidSpec",
         }
     }
 }
@@ -235,6 +250,7 @@ mod tests {
         assert!(yaml.contains("scope: Namespaced"));
         assert!(yaml.contains("name: Commit") && yaml.contains("name: Health"));
         assert!(yaml.contains("autoRollback") && yaml.contains("secretRef"));
+        assert!(yaml.contains("serviceAccountName"));
     }
 
     #[test]

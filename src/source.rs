@@ -119,6 +119,56 @@ impl std::fmt::Debug for GitSource {
     }
 }
 
+/// A repository URL fit to show or store: credentials in it (`https://user:token@host/…`, or a
+/// token as the user name of an http URL) are replaced by `<redacted>`. Other text is returned
+/// as it is; an ssh user name such as `git` is kept.
+pub fn redact_url(url: &str) -> String {
+    match secret_of_url(url) {
+        Some(secret) => url.replacen(secret, "<redacted>", 1),
+        None => url.to_string(),
+    }
+}
+
+/// The secret part of a URL's user information, if it has one.
+fn secret_of_url(url: &str) -> Option<&str> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let (userinfo, _host) = authority.rsplit_once('@')?;
+    match userinfo.split_once(':') {
+        Some((_, password)) if !password.is_empty() => Some(password),
+        // `https://TOKEN@github.com/…`: forges accept a token as the user name over http.
+        None if scheme.starts_with("http") && !userinfo.is_empty() => Some(userinfo),
+        _ => None,
+    }
+}
+
+/// The host of a plain `http://` URL that is not this machine: a token must never be sent there,
+/// since anyone on the way could read it.
+pub(crate) fn plain_http_host(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("http://")?;
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(bracketed) = host_port.strip_prefix('[') {
+        bracketed.split(']').next().unwrap_or_default()
+    } else {
+        host_port.split(':').next().unwrap_or_default()
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| host.to_string())
+}
+
+/// `text` with any credentials of `url` replaced by `<redacted>`: for messages of git and of
+/// servers, which may quote the URL they were given.
+pub fn redact_in(text: &str, url: &str) -> String {
+    match secret_of_url(url) {
+        Some(secret) => text.replace(secret, "<redacted>"),
+        None => text.to_string(),
+    }
+}
+
 /// True when `spec` names a remote repository rather than a folder on this machine.
 pub fn is_remote(spec: &str) -> bool {
     spec.contains("://") || looks_like_scp(spec)
@@ -191,10 +241,13 @@ impl GitSource {
             Ok(repo) => repo,
             Err(_) => Repository::init_bare(&dir).map_err(|e| cache_err(&e.message()))?,
         };
+        let shown = redact_url(url);
         let source = GitSource {
             repo: Arc::new(Mutex::new(repo)),
-            display: url.to_string(),
-            identity: url.trim_end_matches('/').to_string(),
+            // Never the credentials a URL may carry: the display goes into messages, plans and
+            // the source annotation, the identity into the inventory.
+            identity: shown.trim_end_matches('/').to_string(),
+            display: shown,
             remote_url: Some(url.to_string()),
             credentials,
         };
@@ -207,17 +260,32 @@ impl GitSource {
         let Some(url) = &self.remote_url else {
             return Ok(());
         };
-        let _span = tracing::info_span!("fetch", repo = %url).entered();
+        let _span = tracing::info_span!("fetch", repo = %self.display).entered();
         let (callbacks, failure) = self.credentials.callbacks(url);
         // What the credential callbacks found wrong is clearer than what libgit2 makes of it.
         let fetch_err = |e: git2::Error| SourceError::Fetch {
-            url: url.clone(),
-            message: failure
-                .borrow_mut()
-                .take()
-                .unwrap_or_else(|| self.credentials.explain(e.message())),
+            url: self.display.clone(),
+            message: redact_in(
+                &failure
+                    .borrow_mut()
+                    .take()
+                    .unwrap_or_else(|| self.credentials.explain(e.message())),
+                url,
+            ),
             hint: self.credentials.hint(),
         };
+        if secret_of_url(url).is_some()
+            && let Some(host) = plain_http_host(url)
+        {
+            return Err(SourceError::Fetch {
+                url: self.display.clone(),
+                message: format!(
+                    "the URL carries credentials and kommit does not send them over plain http \
+                     to {host}, where anyone on the way could read them"
+                ),
+                hint: "use an https URL (and put the token in a Secret, not in the URL)".into(),
+            });
+        }
         let repo = self.repo();
         let mut remote = repo.remote_anonymous(url).map_err(fetch_err)?;
         let mut options = git2::FetchOptions::new();
@@ -620,6 +688,58 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn credentials_in_urls_are_redacted_and_other_urls_kept() {
+        use super::{redact_in, redact_url};
+        for (url, shown) in [
+            (
+                "https://ada:ghp_s3cret@github.com/acme/shop.git",
+                "https://ada:<redacted>@github.com/acme/shop.git",
+            ),
+            (
+                "https://ghp_s3cret@github.com/acme/shop.git",
+                "https://<redacted>@github.com/acme/shop.git",
+            ),
+            (
+                "http://x:y@127.0.0.1:3000/a/b.git",
+                "http://x:<redacted>@127.0.0.1:3000/a/b.git",
+            ),
+            (
+                "ssh://git@github.com/acme/shop.git",
+                "ssh://git@github.com/acme/shop.git",
+            ),
+            (
+                "git@github.com:acme/shop.git",
+                "git@github.com:acme/shop.git",
+            ),
+            (
+                "https://github.com/a@b/c.git",
+                "https://github.com/a@b/c.git",
+            ),
+            ("/srv/git/shop", "/srv/git/shop"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+        let url = "https://ada:ghp_s3cret@github.com/acme/shop.git";
+        assert_eq!(
+            redact_in("fetching https://ada:ghp_s3cret@host failed", url),
+            "fetching https://ada:<redacted>@host failed"
+        );
+    }
+
+    #[test]
+    fn plain_http_is_only_for_loopback() {
+        use super::plain_http_host;
+        assert_eq!(
+            plain_http_host("http://t@git.example.com:80/a.git").as_deref(),
+            Some("git.example.com")
+        );
+        assert_eq!(plain_http_host("http://127.0.0.1:3000/a.git"), None);
+        assert_eq!(plain_http_host("http://localhost/a.git"), None);
+        assert_eq!(plain_http_host("http://[::1]:8080/a.git"), None);
+        assert_eq!(plain_http_host("https://git.example.com/a.git"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -692,6 +692,8 @@ fn start_operator(chart: &[Value], kubeconfig: &Path, namespace: &str) -> Operat
         // Cluster scope watches every namespace; here only the test's own GitSyncs.
         args.extend(["--watch-namespace".into(), namespace.into()]);
     }
+    // The tests' repositories are folders of this machine, which the chart never allows.
+    args.push("--allow-local-repos".into());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     OperatorProcess::start(
         &args,

@@ -19,7 +19,8 @@ fn a_gitsync_follows_its_repository_rolls_back_a_bad_commit_and_can_be_suspended
     let repo = GitRepo::new();
     repo.write("deploy/web.yaml", &web("nginx:1.25"));
     let v1 = repo.commit("Web on nginx 1.25");
-    let _operator = OperatorProcess::start(&["--watch-namespace", &ns.name], &[]);
+    let _operator =
+        OperatorProcess::start(&["--watch-namespace", &ns.name, "--allow-local-repos"], &[]);
     kubectl_apply(&ns.name, &gitsync("shop", &repo, "  interval: 2s\n"), &[]);
     let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
     let image = || web_image(&ns.name);
@@ -103,7 +104,8 @@ fn deleting_a_file_prunes_its_object_and_a_drifted_field_is_healed() {
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  mode: from-git\n",
     );
     let v1 = repo.commit("Web and its settings");
-    let _operator = OperatorProcess::start(&["--watch-namespace", &ns.name], &[]);
+    let _operator =
+        OperatorProcess::start(&["--watch-namespace", &ns.name, "--allow-local-repos"], &[]);
     kubectl_apply(
         &ns.name,
         &gitsync(
@@ -190,7 +192,12 @@ fn a_signed_push_webhook_syncs_before_the_interval_and_a_forged_one_changes_noth
     let v1 = repo.commit("Web on nginx 1.25");
     let secret = "webhook-secret-for-the-test";
     let operator = OperatorProcess::start(
-        &["--watch-namespace", &ns.name, "--no-leader-election"],
+        &[
+            "--watch-namespace",
+            &ns.name,
+            "--no-leader-election",
+            "--allow-local-repos",
+        ],
         &[("KOMMIT_WEBHOOK_SECRET", secret)],
     );
     assert_eq!(operator.get("/healthz").0, 200);
@@ -335,6 +342,7 @@ fn of_two_operators_only_the_leader_reconciles_and_the_other_takes_over() {
         ns.name.as_str(),
         "--lease-duration",
         "6s",
+        "--allow-local-repos",
     ];
     let mut first = OperatorProcess::start(&args, &[]);
     wait_until(Duration::from_secs(30), "the first operator leads", || {
@@ -380,6 +388,7 @@ fn a_stopping_leader_releases_its_lease_so_a_standby_takes_over_at_once() {
         ns.name.as_str(),
         "--lease-duration",
         "300s",
+        "--allow-local-repos",
     ];
     let mut leader = OperatorProcess::start(&args, &[]);
     wait_until(Duration::from_secs(30), "the first operator leads", || {
@@ -407,7 +416,8 @@ fn hand_edits_without_self_heal_are_reported_as_drift_naming_fields_and_managers
     let repo = GitRepo::new();
     repo.write("deploy/web.yaml", &web("nginx:1.25"));
     let v1 = repo.commit("Web on nginx 1.25");
-    let _operator = OperatorProcess::start(&["--watch-namespace", &ns.name], &[]);
+    let _operator =
+        OperatorProcess::start(&["--watch-namespace", &ns.name, "--allow-local-repos"], &[]);
     kubectl_apply(
         &ns.name,
         &gitsync("shop", &repo, "  interval: 2s\n  selfHeal: false\n"),
@@ -476,7 +486,8 @@ fn hand_edits_with_self_heal_are_taken_back() {
     let repo = GitRepo::new();
     repo.write("deploy/web.yaml", &web("nginx:1.25"));
     let v1 = repo.commit("Web on nginx 1.25");
-    let _operator = OperatorProcess::start(&["--watch-namespace", &ns.name], &[]);
+    let _operator =
+        OperatorProcess::start(&["--watch-namespace", &ns.name, "--allow-local-repos"], &[]);
     kubectl_apply(
         &ns.name,
         &gitsync("shop", &repo, "  interval: 2s\n  selfHeal: true\n"),

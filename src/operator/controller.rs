@@ -1,6 +1,10 @@
 //! The GitSync controller: for each GitSync, the same pipeline as `kommit sync`, run again every
 //! interval, with the outcome written to the GitSync's status. One reconcile per GitSync at a
 //! time (kube-runtime guarantees it), many GitSyncs in parallel.
+//!
+//! A commit acts with its owner's rights: the sync of a GitSync impersonates its ServiceAccount
+//! (see [`Tenancy`]), while the GitSync, its status and its Secret are read and written as the
+//! operator itself.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,13 +22,13 @@ use super::http::REQUESTED_AT_ANNOTATION;
 use super::metrics::{GitSyncLabels, Metrics};
 use super::{Condition, ConditionType, GitSync, GitSyncStatus, InventoryEntry, Reason};
 use crate::audit::{self, HistoryEntry, Outcome};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterError, Identity};
 use crate::duration::parse_duration;
 use crate::object::FIELD_MANAGER;
 use crate::plan::Action as PlanAction;
 use crate::reconcile::continuous::{self, NextStep};
 use crate::reconcile::{self, Policy, ReconcileError, Target, WaitOptions, WaitOutcome};
-use crate::source::{AmbientCredentials, GitSource};
+use crate::source::{AmbientCredentials, GitSource, is_remote, redact_url};
 
 /// How many outcomes a GitSync's status keeps.
 const STATUS_HISTORY: usize = 20;
@@ -62,15 +66,76 @@ fn failure_reason(error: &ReconcileError) -> Reason {
         ReconcileError::PruneGuard(_) => Reason::PruneGuard,
         ReconcileError::Pinned { .. } => Reason::Pinned,
         ReconcileError::Source(_) => Reason::SourceUnavailable,
+        ReconcileError::Cluster(ClusterError::Forbidden { .. }) => Reason::Forbidden,
+        ReconcileError::ApplyFailed { source, .. }
+            if matches!(**source, ClusterError::Forbidden { .. }) =>
+        {
+            Reason::Forbidden
+        }
         ReconcileError::Cluster(_) | ReconcileError::ApplyFailed { .. } => Reason::SyncFailed,
+    }
+}
+
+/// What a GitSync may borrow from the operator: its rights in the cluster, its machine's
+/// repositories, its git credentials. All off unless the operator is started to lend them.
+#[derive(Debug, Clone, Default)]
+pub struct Tenancy {
+    /// The ServiceAccount (of the GitSync's own namespace) that GitSyncs without
+    /// `serviceAccountName` act as; `None`: they act as the operator (a single-team cluster).
+    pub default_service_account: Option<String>,
+    /// Local paths and file:// repositories may be synced (tests, demos, single-team set-ups).
+    pub allow_local_repos: bool,
+    /// GitSyncs without `secretRef` fetch with the operator's own git credentials.
+    pub use_operator_credentials: bool,
+}
+
+impl Tenancy {
+    /// Who the sync of `gitsync` acts as: its ServiceAccount, else the default one, else the
+    /// operator (`None`).
+    fn identity_for(&self, gitsync: &GitSync) -> Result<Option<Identity>, String> {
+        let namespace = gitsync.namespace().unwrap_or_default();
+        let named = gitsync.spec.service_account_name.as_deref();
+        let Some(account) = named.or(self.default_service_account.as_deref()) else {
+            return Ok(None);
+        };
+        // A name with `:` would make another user name than the ServiceAccount's.
+        let valid = !account.is_empty()
+            && account.len() <= 253
+            && account
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        if !valid {
+            return Err(format!(
+                "serviceAccountName \"{account}\" is not a ServiceAccount name (lower-case \
+                 letters, digits, '-' and '.')"
+            ));
+        }
+        Ok(Some(Identity::service_account(&namespace, account)))
+    }
+
+    /// Why the operator does not read `repo` for a GitSync, if it does not.
+    fn refuses_source(&self, repo: &str) -> Option<String> {
+        let local = !is_remote(repo) || repo.trim().to_ascii_lowercase().starts_with("file:");
+        (local && !self.allow_local_repos).then(|| {
+            format!(
+                "spec.repo {} is a path on the operator's machine; the operator reads only \
+                 remote repositories (https://, ssh://) for GitSyncs, since a path would let a \
+                 GitSync read whatever the operator can read. Push the repository to a git \
+                 server, or start the operator with --allow-local-repos (single-team set-ups \
+                 and tests)",
+                redact_url(repo)
+            )
+        })
     }
 }
 
 pub struct Context {
     pub cluster: Cluster,
     pub cache_dir: PathBuf,
-    /// The operator's own git credentials, for GitSyncs without a `secretRef`.
+    /// The operator's own git credentials, lent to GitSyncs without a `secretRef` only with
+    /// `tenancy.use_operator_credentials`.
     pub ambient: AmbientCredentials,
+    pub tenancy: Tenancy,
     pub metrics: Arc<Metrics>,
 }
 
@@ -172,7 +237,7 @@ async fn reconcile_one(
     };
     let started = Instant::now();
     let interval = interval_of(&gitsync);
-    let span = tracing::info_span!("gitsync", namespace = %labels.namespace, name = %labels.name, repo = %gitsync.spec.repo);
+    let span = tracing::info_span!("gitsync", namespace = %labels.namespace, name = %labels.name, repo = %redact_url(&gitsync.spec.repo));
     let result =
         tracing::Instrument::instrument(sync_gitsync(&gitsync, &context, interval), span).await;
     let failure = match &result {
@@ -250,13 +315,38 @@ async fn sync_gitsync(
         });
     }
 
+    // Refusals of the spec itself come first: nothing is fetched or read for them.
+    let refused = context
+        .tenancy
+        .refuses_source(&spec.repo)
+        .map(|message| (Reason::SourceNotAllowed, message))
+        .or_else(|| {
+            let identity = context.tenancy.identity_for(gitsync);
+            identity.err().map(|message| (Reason::InvalidSpec, message))
+        });
+    if let Some((reason, message)) = refused {
+        status.stall(reason, &message, generation);
+        status.set_condition(ConditionType::Synced, false, reason, &message, generation);
+        status.observed_generation = generation;
+        write_status(&api, &name, &status).await?;
+        tracing::warn!(reason = reason.as_str(), %message, "not synced");
+        return Ok(Reconciled {
+            failure: Some(reason),
+            ..Reconciled::after(interval)
+        });
+    }
+
     // The Secret of spec.secretRef, read on every reconcile so that a rotated token is used.
+    let ambient = context
+        .tenancy
+        .use_operator_credentials
+        .then_some(&context.ambient);
     let creds = match super::credentials::credentials_for(
         context.cluster.client(),
         &namespace,
         &name,
         spec.secret_ref.as_ref(),
-        &context.ambient,
+        ambient,
     )
     .await
     {
@@ -269,7 +359,12 @@ async fn sync_gitsync(
         }
     };
     let repo = spec.repo.clone();
-    let cache = context.cache_dir.clone();
+    // A mirror per GitSync: one tenant never reads another's, whatever URL it names.
+    let cache = context
+        .cache_dir
+        .join("gitsyncs")
+        .join(&namespace)
+        .join(&name);
     let rev = spec.rev.clone().or_else(|| spec.branch.clone());
     let wanted = rev.clone();
     // Opening fetches: blocking network work, off the async threads; the head comes back too.
@@ -280,7 +375,7 @@ async fn sync_gitsync(
     })
     .await
     .map_err(|e| OperatorError::Source {
-        repo: spec.repo.clone(),
+        repo: redact_url(&spec.repo),
         message: e.to_string(),
     })?;
     let (source, head) = match opened {
@@ -289,7 +384,7 @@ async fn sync_gitsync(
             status.stall(Reason::SourceUnavailable, &e.to_string(), generation);
             write_status(&api, &name, &status).await?;
             return Err(OperatorError::Source {
-                repo: spec.repo.clone(),
+                repo: redact_url(&spec.repo),
                 message: e.to_string(),
             });
         }
@@ -330,7 +425,20 @@ async fn sync_gitsync(
         self_heal: spec.self_heal,
     });
     let policy = continuous::policy_for(&step, &base);
-    let mut cluster = context.cluster.clone();
+    // The commit's reads, dry runs, writes and prunes are made as its ServiceAccount.
+    let identity = context.tenancy.identity_for(gitsync).ok().flatten();
+    let mut cluster = match identity {
+        Some(identity) => match context.cluster.impersonating(identity) {
+            Ok(cluster) => cluster,
+            Err(e) => {
+                let message = e.to_string();
+                status.stall(Reason::SyncFailed, &message, generation);
+                write_status(&api, &name, &status).await?;
+                return Err(OperatorError::Reconcile(e.into()));
+            }
+        },
+        None => context.cluster.clone(),
+    };
     let result = reconcile::sync(&source, &mut cluster, &target, &policy, &reconcile::Quiet).await;
     // The source answered: an earlier fetch failure no longer stalls the GitSync.
     status.set_condition(
@@ -684,6 +792,88 @@ mod tests {
         assert_eq!(status.conditions[0].last_transition_time, first);
         assert_eq!(status.conditions[0].observed_generation, Some(2));
         assert_eq!(status.conditions.len(), 1);
+    }
+
+    fn gitsync_in(namespace: &str, spec: serde_json::Value) -> GitSync {
+        let mut gs = GitSync::new("shop", serde_json::from_value(spec).unwrap());
+        gs.metadata.namespace = Some(namespace.into());
+        gs
+    }
+
+    #[test]
+    fn a_gitsync_acts_as_its_service_account_else_the_default_else_the_operator() {
+        let open = Tenancy::default();
+        let locked = Tenancy {
+            default_service_account: Some("default".into()),
+            ..Tenancy::default()
+        };
+        let plain = gitsync_in("team-a", json!({"repo": "https://h/r.git"}));
+        let named = gitsync_in(
+            "team-a",
+            json!({"repo": "https://h/r.git", "serviceAccountName": "deployer"}),
+        );
+        assert_eq!(open.identity_for(&plain), Ok(None));
+        assert_eq!(
+            open.identity_for(&named).unwrap().unwrap().user,
+            "system:serviceaccount:team-a:deployer"
+        );
+        assert_eq!(
+            locked.identity_for(&plain).unwrap().unwrap().user,
+            "system:serviceaccount:team-a:default"
+        );
+        let sneaky = gitsync_in(
+            "team-a",
+            json!({"repo": "https://h/r.git", "serviceAccountName": "x:kube-system:admin"}),
+        );
+        assert!(open.identity_for(&sneaky).is_err());
+    }
+
+    #[test]
+    fn local_repositories_are_refused_unless_allowed() {
+        let tenancy = Tenancy::default();
+        for repo in [
+            "file:///srv/git/shop",
+            "/srv/git/shop",
+            "FILE:///x",
+            "./shop",
+        ] {
+            let refused = tenancy.refuses_source(repo);
+            assert!(
+                refused
+                    .as_deref()
+                    .is_some_and(|m| m.contains("--allow-local-repos")),
+                "{repo}: {refused:?}"
+            );
+        }
+        for repo in ["https://github.com/a/b.git", "git@github.com:a/b.git"] {
+            assert_eq!(tenancy.refuses_source(repo), None, "{repo}");
+        }
+        let allowed = Tenancy {
+            allow_local_repos: true,
+            ..Tenancy::default()
+        };
+        assert_eq!(allowed.refuses_source("file:///srv/git/shop"), None);
+    }
+
+    #[test]
+    fn a_forbidden_sync_has_its_own_reason() {
+        let forbidden = || ClusterError::Forbidden {
+            object: "ConfigMap b/x".into(),
+            action: "apply",
+            denied: Box::default(),
+        };
+        assert_eq!(
+            failure_reason(&ReconcileError::Cluster(forbidden())),
+            Reason::Forbidden
+        );
+        let stopped = ReconcileError::ApplyFailed {
+            commit: "abc".into(),
+            object: "ConfigMap b/x".into(),
+            applied: 0,
+            total: 1,
+            source: Box::new(forbidden()),
+        };
+        assert_eq!(failure_reason(&stopped), Reason::Forbidden);
     }
 
     #[test]

@@ -104,16 +104,20 @@ impl fmt::Display for CredentialsError {
 }
 
 /// The credentials for a GitSync in `namespace` named `gitsync`: those of the Secret
-/// `secret_ref` names, or this operator's own ([`GitCredentials::Ambient`]) without one.
+/// `secret_ref` names; without one, the operator's own ([`GitCredentials::Ambient`]) when it
+/// lends them (`--use-operator-credentials`), else none at all (public repositories only).
 pub async fn credentials_for(
     client: &kube::Client,
     namespace: &str,
     gitsync: &str,
     secret_ref: Option<&SecretRef>,
-    ambient: &AmbientCredentials,
+    ambient: Option<&AmbientCredentials>,
 ) -> Result<GitCredentials, CredentialsError> {
     let Some(secret_ref) = secret_ref else {
-        return Ok(GitCredentials::Ambient(ambient.clone()));
+        return Ok(match ambient {
+            Some(ambient) => GitCredentials::Ambient(ambient.clone()),
+            None => without_credentials(namespace, gitsync),
+        });
     };
     let error = |problem| CredentialsError {
         gitsync: format!("{namespace}/{gitsync}"),
@@ -136,6 +140,16 @@ pub async fn credentials_for(
         &secret.data.unwrap_or_default(),
     )
     .map_err(error)
+}
+
+/// No credentials: what a GitSync without `secretRef` fetches with when the operator keeps its
+/// own to itself. The origin names what to do, since it ends up in the fetch error.
+fn without_credentials(namespace: &str, gitsync: &str) -> GitCredentials {
+    GivenCredentials::new(format!(
+        "GitSync {namespace}/{gitsync}, which has no spec.secretRef (the operator lends its own \
+         credentials only when started with --use-operator-credentials)"
+    ))
+    .into()
 }
 
 /// Turns a Secret's data into credentials (see the module's documentation for the keys).

@@ -28,8 +28,10 @@ pub struct OperatorOptions {
     pub lease: Option<LeaseSettings>,
     pub webhook_secret: Option<Vec<u8>>,
     pub cache_dir: PathBuf,
-    /// Git credentials for GitSyncs without a `secretRef`.
+    /// The operator's own git credentials (lent to GitSyncs only as `tenancy` says).
     pub ambient: AmbientCredentials,
+    /// What GitSyncs may borrow from the operator.
+    pub tenancy: controller::Tenancy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +75,7 @@ pub async fn run(cluster: Cluster, options: OperatorOptions) -> Result<(), RunEr
         cluster,
         cache_dir: options.cache_dir,
         ambient: options.ambient,
+        tenancy: options.tenancy,
         metrics: metrics.clone(),
     });
     let outcome = match options.lease {

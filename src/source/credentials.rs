@@ -268,7 +268,7 @@ impl GivenCredentials {
         };
         let fail_cert = fail.clone();
         let (mut token_attempts, mut key_attempts) = (0, 0);
-        callbacks.credentials(move |_url, username, allowed| {
+        callbacks.credentials(move |asked_url, username, allowed| {
             let origin = &self.origin;
             if allowed.contains(git2::CredentialType::USERNAME) {
                 return git2::Cred::username(username.unwrap_or("git"));
@@ -317,6 +317,13 @@ impl GivenCredentials {
                         }
                     )));
                 };
+                if let Some(host) = super::plain_http_host(asked_url) {
+                    return Err(fail(format!(
+                        "the server at {host} asks for the token of {origin} over plain http, \
+                         where anyone on the way could read it; kommit sends tokens over https \
+                         only (or to this machine): use an https URL"
+                    )));
+                }
                 token_attempts += 1;
                 if token_attempts > 1 {
                     return Err(fail(format!(
@@ -382,6 +389,13 @@ fn ambient_callbacks(ambient: AmbientCredentials) -> git2::RemoteCallbacks<'stat
             return git2::Cred::ssh_key_from_agent(user);
         }
         if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
+            if let Some(host) = super::plain_http_host(url) {
+                return Err(git2::Error::from_str(&format!(
+                    "the server at {host} asks for credentials over plain http, where anyone on \
+                     the way could read them; kommit sends them over https only (or to this \
+                     machine): use an https URL"
+                )));
+            }
             if let Some(token) = &ambient.https_token {
                 let name = ambient
                     .https_username

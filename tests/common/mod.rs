@@ -3,6 +3,8 @@
 //! and the sandbox's own `kubectl`.
 #![allow(dead_code)]
 
+pub mod git_http;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
