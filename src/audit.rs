@@ -89,7 +89,18 @@ pub struct Record {
     /// all that a sync updates without adopting. `None` in records older than this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owned: Option<BTreeSet<String>>,
+    /// The keys of `templates` in the order they were added, oldest first (for eviction).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub template_order: Vec<String>,
 }
+
+/// How many Deployment revisions a record remembers.
+pub const TEMPLATE_LIMIT: usize = 1_000;
+/// How long a recorded reason may be; the rest is cut with a note.
+const REASON_LIMIT: usize = 2_000;
+/// The most a record may weigh, well under the 1 MiB an object may: the oldest history goes
+/// first when it grows past this.
+pub const RECORD_BYTES_LIMIT: usize = 512 * 1024;
 
 impl Record {
     pub fn push(&mut self, entry: HistoryEntry) {
@@ -99,9 +110,9 @@ impl Record {
                 self.failed.retain(|c| c != &entry.commit);
             }
             Outcome::Failed | Outcome::RolledBack => {
-                if !self.failed.contains(&entry.commit) {
-                    self.failed.push(entry.commit.clone());
-                }
+                // Newest first, so that the bound forgets the oldest failures.
+                self.failed.retain(|c| c != &entry.commit);
+                self.failed.insert(0, entry.commit.clone());
                 self.failed.truncate(HISTORY_LIMIT);
             }
             Outcome::Applied => {}
@@ -112,8 +123,89 @@ impl Record {
                 .clone()
                 .unwrap_or_else(|| entry.commit.clone()),
         );
+        let mut entry = entry;
+        if let Some(reason) = &mut entry.reason
+            && reason.len() > REASON_LIMIT
+        {
+            let cut: String = reason.chars().take(REASON_LIMIT).collect();
+            *reason = format!("{cut}… (cut)");
+        }
         self.history.insert(0, entry);
         self.history.truncate(HISTORY_LIMIT);
+    }
+
+    /// Remembers the commit that first rolled a Deployment revision out; the oldest revisions
+    /// are forgotten beyond [`TEMPLATE_LIMIT`].
+    pub fn remember_template(&mut self, id: String, commit: &str) {
+        if self.templates.contains_key(&id) {
+            return;
+        }
+        self.templates.insert(id.clone(), commit.to_string());
+        self.template_order.push(id);
+        // Revisions recorded before the order was kept are the oldest.
+        if self.template_order.len() < self.templates.len() {
+            let ordered: BTreeSet<&String> = self.template_order.iter().collect();
+            let older: Vec<String> = self
+                .templates
+                .keys()
+                .filter(|k| !ordered.contains(k))
+                .cloned()
+                .collect();
+            self.template_order.splice(0..0, older);
+        }
+        while self.templates.len() > TEMPLATE_LIMIT && !self.template_order.is_empty() {
+            let oldest = self.template_order.remove(0);
+            self.templates.remove(&oldest);
+        }
+    }
+
+    /// What a record read from the cluster must hold to be trusted: commit ids, not text.
+    fn check(&self) -> Result<(), String> {
+        let commits = self
+            .history
+            .iter()
+            .map(|e| e.commit.as_str())
+            .chain(self.last_healthy.as_deref())
+            .chain(self.last_applied.as_deref())
+            .chain(self.failed.iter().map(String::as_str))
+            .chain(self.pinned.as_ref().map(|p| p.commit.as_str()))
+            .chain(self.templates.values().map(String::as_str));
+        for commit in commits {
+            if !crate::commit::is_commit_id(commit) {
+                let shown: String = commit.chars().take(50).collect();
+                return Err(format!("{shown:?} is not a commit id"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The record as stored: JSON, with the oldest history dropped until it fits
+    /// [`RECORD_BYTES_LIMIT`].
+    fn to_stored(&self) -> Result<String, String> {
+        let mut record = self.clone();
+        loop {
+            let text = serde_json::to_string(&record).map_err(|e| e.to_string())?;
+            if text.len() <= RECORD_BYTES_LIMIT {
+                return Ok(text);
+            }
+            if record.history.len() > 1 {
+                let keep = record.history.len() / 2;
+                record.history.truncate(keep);
+            } else if !record.template_order.is_empty() {
+                let drop = record.template_order.len().div_ceil(2);
+                for id in record.template_order.drain(..drop) {
+                    record.templates.remove(&id);
+                }
+            } else {
+                return Err(format!(
+                    "it would weigh {} KiB, more than the {} KiB a record may ({} objects \
+                     recorded); split the source into smaller paths",
+                    text.len() / 1024,
+                    RECORD_BYTES_LIMIT / 1024,
+                    record.owned.as_ref().map_or(0, BTreeSet::len)
+                ));
+            }
+        }
     }
 
     pub fn has_failed(&self, commit: &str) -> bool {
@@ -198,12 +290,18 @@ impl RecordStore {
         if text.is_empty() {
             return Ok(Record::default());
         }
-        serde_json::from_str(&text).map_err(|e| ClusterError::Api {
+        let invalid = |why: String| ClusterError::Api {
             object: self.location(),
             action: "read",
-            message: format!("the record is not valid ({e}); delete it to start a new one"),
+            message: format!(
+                "the record is not valid ({why}); fix it or delete it to start a new one (kommit \
+                 then treats the objects of this source as made by someone else until adopted)"
+            ),
             code: 0,
-        })
+        };
+        let record: Record = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        record.check().map_err(invalid)?;
+        Ok(record)
     }
 
     pub async fn save(&self, record: &Record) -> Result<(), ClusterError> {
@@ -215,7 +313,12 @@ impl RecordStore {
                 "namespace": self.namespace,
                 "labels": {RECORD_LABEL: self.inventory, "app.kubernetes.io/managed-by": "kommit"},
             },
-            "data": {"record.json": serde_json::to_string_pretty(record).unwrap_or_default()},
+            "data": {"record.json": record.to_stored().map_err(|why| ClusterError::Api {
+                object: self.location(),
+                action: "write",
+                message: why,
+                code: 0,
+            })?},
         });
         self.api
             .patch(
@@ -347,5 +450,100 @@ mod tests {
         assert!(text.contains("\"outcome\":\"applied\""));
         let back: Record = serde_json::from_str(&text).unwrap();
         assert_eq!(back, record);
+    }
+
+    fn hex_commit(i: usize) -> CommitInfo {
+        CommitInfo {
+            sha: format!("{i:040x}"),
+            ..commit("a")
+        }
+    }
+
+    #[test]
+    fn the_newest_failures_are_kept_and_the_oldest_forgotten() {
+        let mut record = Record::default();
+        for i in 0..(HISTORY_LIMIT + 5) {
+            record.push(entry(
+                &hex_commit(i),
+                Outcome::Failed,
+                Some("x".into()),
+                None,
+            ));
+        }
+        assert_eq!(record.failed.len(), HISTORY_LIMIT);
+        assert!(
+            record.has_failed(&hex_commit(HISTORY_LIMIT + 4).sha),
+            "the newest"
+        );
+        assert!(
+            !record.has_failed(&hex_commit(0).sha),
+            "the oldest is forgotten"
+        );
+    }
+
+    #[test]
+    fn the_oldest_revisions_are_evicted_first() {
+        let mut record = Record::default();
+        // One from before the order was kept, sorting last by key.
+        record
+            .templates
+            .insert("zzz-legacy".into(), hex_commit(0).sha.clone());
+        for i in 0..TEMPLATE_LIMIT {
+            record.remember_template(format!("a-{i:05}"), &hex_commit(i).sha);
+        }
+        assert_eq!(record.templates.len(), TEMPLATE_LIMIT);
+        assert!(!record.templates.contains_key("zzz-legacy"), "legacy first");
+        record.remember_template("b-new".into(), &hex_commit(1).sha);
+        assert!(record.templates.contains_key("b-new"));
+        assert!(!record.templates.contains_key("a-00000"), "then the oldest");
+        assert!(record.templates.contains_key("a-00001"));
+    }
+
+    #[test]
+    fn a_record_stays_well_under_the_object_size_limit() {
+        let mut record = Record::default();
+        for i in 0..HISTORY_LIMIT {
+            record.push(entry(
+                &hex_commit(i),
+                Outcome::Failed,
+                Some("é".repeat(5_000)),
+                None,
+            ));
+        }
+        assert!(
+            record.history[0]
+                .reason
+                .as_ref()
+                .unwrap()
+                .ends_with("… (cut)")
+        );
+        let stored = record.to_stored().unwrap();
+        assert!(stored.len() <= RECORD_BYTES_LIMIT, "{}", stored.len());
+        let back: Record = serde_json::from_str(&stored).unwrap();
+        assert_eq!(
+            back.history[0], record.history[0],
+            "the newest history stays"
+        );
+
+        let huge = Record {
+            owned: Some((0..20_000).map(|i| format!("{i:036}")).collect()),
+            ..Record::default()
+        };
+        assert!(huge.to_stored().unwrap_err().contains("20000 objects"));
+    }
+
+    #[test]
+    fn a_record_edited_into_nonsense_is_an_error_not_a_panic() {
+        let mut record = Record::default();
+        record.pinned = Some(Pin {
+            commit: "ééééééééé".into(),
+            subject: String::new(),
+            time: String::new(),
+        });
+        assert!(record.check().unwrap_err().contains("is not a commit id"));
+        assert_eq!(crate::commit::short("ééééééééé"), "ééééééé");
+        record.pinned = None;
+        record.push(entry(&hex_commit(7), Outcome::Healthy, None, None));
+        assert_eq!(record.check(), Ok(()));
     }
 }

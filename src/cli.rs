@@ -855,7 +855,7 @@ fn print_sync(report: &reconcile::SyncReport, output: Output, color: bool) -> an
             for (key, first) in &report.returned_to {
                 text.push_str(&format!(
                     "{key} went back to an earlier revision: the one commit {} first rolled out (a rollback; its old ReplicaSet was reused).\n",
-                    &first[..7.min(first.len())]
+                    crate::commit::short(first)
                 ));
             }
             match &report.rollout {
@@ -937,8 +937,8 @@ fn print_watch_event(event: &reconcile::WatchEvent, color: bool) {
     }
 }
 
-fn short(sha: &str) -> &str {
-    &sha[..7.min(sha.len())]
+fn short(sha: &str) -> String {
+    crate::commit::short(sha)
 }
 
 fn print_history(rows: &[reconcile::Revision], output: Output) -> anyhow::Result<()> {
@@ -955,7 +955,7 @@ fn print_history(rows: &[reconcile::Revision], output: Output) -> anyhow::Result
                     .map(|n| format!("{n}{}", if r.current { "*" } else { "" }))
                     .unwrap_or_else(|| "-".into()),
                 r.replica_set.clone().unwrap_or_else(|| "-".into()),
-                r.commit.as_deref().map(short).unwrap_or("-").to_string(),
+                r.commit.as_deref().map_or_else(|| "-".to_string(), short),
                 r.author.clone().unwrap_or_else(|| "-".into()),
                 r.time.clone().unwrap_or_else(|| "-".into()),
                 r.outcome.clone().unwrap_or_else(|| "-".into()),
@@ -1139,9 +1139,7 @@ fn print_status(
                     .unwrap_or_else(|| "-".into()),
                 c.live_commit
                     .as_deref()
-                    .map(short)
-                    .unwrap_or("-")
-                    .to_string(),
+                    .map_or_else(|| "-".to_string(), short),
                 c.source
                     .as_ref()
                     .map(ToString::to_string)

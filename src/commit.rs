@@ -47,3 +47,14 @@ pub fn format_rfc3339(seconds: i64) -> String {
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
 }
+
+/// The first seven characters of a commit id, whatever the text (a record edited by hand may
+/// hold anything).
+pub fn short(sha: &str) -> String {
+    sha.chars().take(7).collect()
+}
+
+/// A full commit id: 40 (SHA-1) or 64 (SHA-256) hex digits.
+pub fn is_commit_id(text: &str) -> bool {
+    matches!(text.len(), 40 | 64) && text.bytes().all(|b| b.is_ascii_hexdigit())
+}

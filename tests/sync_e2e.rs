@@ -81,7 +81,9 @@ fn first_sync_creates_everything_and_then_the_cluster_matches_the_commit() {
     let first = sync(&repo, &[]);
     assert_eq!(first.code, 0, "{first:?}");
     assert!(
-        first.stdout.contains("4 to create, 0 to update, 1 to adopt"),
+        first
+            .stdout
+            .contains("4 to create, 0 to update, 1 to adopt"),
         "the harness made the namespace, so the manifest's annotation adopts it: {first:?}"
     );
     assert!(rollout_status(&ns.name, "web", "120s").status.success());

@@ -217,15 +217,8 @@ pub(super) async fn remember_revisions(
         match record.templates.get(&id) {
             Some(first) if *first != commit.sha => returned.push((step.key.clone(), first.clone())),
             Some(_) => {}
-            None => {
-                record.templates.insert(id, commit.sha.clone());
-            }
+            None => record.remember_template(id, &commit.sha),
         }
-    }
-    // Keep the map bounded: forget the oldest entries beyond a generous limit.
-    while record.templates.len() > 1_000 {
-        let first = record.templates.keys().next().cloned().expect("not empty");
-        record.templates.remove(&first);
     }
     Ok(returned)
 }

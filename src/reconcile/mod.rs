@@ -326,7 +326,7 @@ pub async fn sync(
             let note = format!(
                 "commit {} returns to the revision first rolled out by {}",
                 commit.short_sha(),
-                &first[..7.min(first.len())]
+                crate::commit::short(first)
             );
             journal.event(key, false, "RolledBack", note).await;
         }
@@ -461,7 +461,7 @@ fn refuse_by_record(
         && !policy.unpin
     {
         return Err(ReconcileError::Pinned {
-            pinned: pin.commit[..7.min(pin.commit.len())].to_string(),
+            pinned: crate::commit::short(&pin.commit),
             subject: pin.subject.clone(),
         });
     }
