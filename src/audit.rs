@@ -534,12 +534,14 @@ mod tests {
 
     #[test]
     fn a_record_edited_into_nonsense_is_an_error_not_a_panic() {
-        let mut record = Record::default();
-        record.pinned = Some(Pin {
-            commit: "ééééééééé".into(),
-            subject: String::new(),
-            time: String::new(),
-        });
+        let mut record = Record {
+            pinned: Some(Pin {
+                commit: "ééééééééé".into(),
+                subject: String::new(),
+                time: String::new(),
+            }),
+            ..Record::default()
+        };
         assert!(record.check().unwrap_err().contains("is not a commit id"));
         assert_eq!(crate::commit::short("ééééééééé"), "ééééééé");
         record.pinned = None;
