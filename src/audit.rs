@@ -246,6 +246,8 @@ pub fn now_rfc3339() -> String {
 #[derive(Debug, Clone)]
 pub struct RecordStore {
     api: Api<ConfigMap>,
+    /// For its errors: a refusal names who was refused and the RoleBinding that would allow it.
+    cluster: Cluster,
     name: String,
     inventory: String,
     namespace: String,
@@ -257,6 +259,7 @@ impl RecordStore {
         name.truncate(253);
         RecordStore {
             api: Api::namespaced(cluster.client().clone(), namespace),
+            cluster: cluster.clone(),
             name,
             inventory: inventory.to_string(),
             namespace: namespace.to_string(),
@@ -272,12 +275,7 @@ impl RecordStore {
             .api
             .get_opt(&self.name)
             .await
-            .map_err(|e| ClusterError::Api {
-                object: self.location(),
-                action: "read",
-                message: e.to_string(),
-                code: 0,
-            })?;
+            .map_err(|e| self.cluster.classify(e, &self.location(), "read"))?;
         let Some(config_map) = found else {
             return Ok(Record::default());
         };
@@ -328,12 +326,7 @@ impl RecordStore {
             )
             .await
             .map(|_| ())
-            .map_err(|e| ClusterError::Api {
-                object: self.location(),
-                action: "write",
-                message: e.to_string(),
-                code: 0,
-            })
+            .map_err(|e| self.cluster.classify(e, &self.location(), "write"))
     }
 }
 
