@@ -516,3 +516,76 @@ fn hand_edits_with_self_heal_are_taken_back() {
         || status("{.status.conditions[?(@.type=='Ready')].status}") == "True",
     );
 }
+
+/// Sends a webhook's headers (and `body_start`, of a body said to be `length` bytes) and leaves
+/// the connection open; `answer` reads the reply.
+struct RawWebhook(std::net::TcpStream);
+
+impl RawWebhook {
+    fn send(
+        operator: &OperatorProcess,
+        headers: &[(&str, &str)],
+        length: usize,
+        body_start: &[u8],
+    ) -> Self {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(operator.address).unwrap();
+        let mut head = format!(
+            "POST /webhook HTTP/1.1\r\nHost: kommit\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body_start).unwrap();
+        RawWebhook(stream)
+    }
+
+    fn answer(mut self) -> u16 {
+        use std::io::Read;
+        self.0
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut first = [0u8; 12];
+        self.0.read_exact(&mut first).expect("an HTTP answer");
+        String::from_utf8_lossy(&first[9..12]).parse().unwrap()
+    }
+}
+
+#[test]
+fn huge_and_dawdling_webhooks_are_cut_off_and_the_probes_keep_answering() {
+    install_gitsync_crd();
+    let ns = TestNamespace::new("operator-flood");
+    let operator = OperatorProcess::start(
+        &["--watch-namespace", &ns.name, "--no-leader-election"],
+        &[("KOMMIT_WEBHOOK_SECRET", "flood-secret")],
+    );
+    let push = ("X-GitHub-Event", "push");
+    let forged = ("X-Hub-Signature-256", "sha256=00");
+    const MIB: usize = 1024 * 1024;
+
+    // 30 MiB, unsigned or over the limit: answered before a byte of the body is sent.
+    assert_eq!(
+        RawWebhook::send(&operator, &[push], 30 * MIB, b"").answer(),
+        401
+    );
+    assert_eq!(
+        RawWebhook::send(&operator, &[push, forged], 30 * MIB, b"").answer(),
+        413
+    );
+
+    // 50 webhooks that never finish their body: 16 are held, the rest refused at once, and the
+    // probes answer meanwhile.
+    let dawdlers: Vec<RawWebhook> = (0..50)
+        .map(|_| RawWebhook::send(&operator, &[push, forged], 1_000, b"{\"ref\":"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(operator.get("/healthz").0, 200);
+    assert_eq!(operator.get("/readyz").0, 200);
+    let answers: Vec<u16> = dawdlers.into_iter().map(RawWebhook::answer).collect();
+    let busy = answers.iter().filter(|&&code| code == 503).count();
+    let timed_out = answers.iter().filter(|&&code| code == 408).count();
+    assert_eq!((busy, timed_out), (34, 16), "{answers:?}");
+    assert_eq!(operator.get("/healthz").0, 200);
+}

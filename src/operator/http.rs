@@ -7,9 +7,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::time::Duration;
+
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::Body;
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,14 +26,22 @@ use super::webhook::{self, Event};
 /// Set on a GitSync to ask for a reconcile now; the value should change with every request.
 pub const REQUESTED_AT_ANNOTATION: &str = "kommit.dev/reconcile-requested-at";
 
-/// GitHub sends push payloads of up to 25 MB.
-const WEBHOOK_BODY_LIMIT: usize = 25 * 1024 * 1024;
+/// The largest webhook body read. A push payload is a few KiB per commit; GitHub caps them at
+/// 25 MB, but a push that large is better caught by the interval than held in memory.
+pub const WEBHOOK_BODY_LIMIT: usize = 4 * 1024 * 1024;
+/// How long a webhook's body may take to arrive.
+pub const WEBHOOK_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Webhooks handled at once; more are answered 503 at once, and probes are never queued
+/// behind them.
+pub const WEBHOOK_CONCURRENCY: usize = 16;
 
 pub struct ServerState {
     pub metrics: Arc<Metrics>,
     /// False until the operator is up, and again once it shuts down.
     pub ready: Arc<AtomicBool>,
     pub webhook_secret: Option<Vec<u8>>,
+    /// One permit per webhook in flight (see [`WEBHOOK_CONCURRENCY`]).
+    pub webhook_slots: tokio::sync::Semaphore,
     pub client: kube::Client,
     pub watch_namespace: Option<String>,
 }
@@ -41,10 +51,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
-        .route(
-            "/webhook",
-            post(receive_webhook).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
-        )
+        .route("/webhook", post(receive_webhook))
         .with_state(state)
 }
 
@@ -64,6 +71,16 @@ async fn metrics_page(State(state): State<Arc<ServerState>>) -> Response {
         .into_response()
 }
 
+fn too_large() -> Response {
+    reply(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        json!({"error": format!(
+            "the body is larger than {} MiB; kommit reads no more (the next interval syncs anyway)",
+            WEBHOOK_BODY_LIMIT / (1024 * 1024)
+        )}),
+    )
+}
+
 fn reply(status: StatusCode, body: serde_json::Value) -> Response {
     (status, axum::Json(body)).into_response()
 }
@@ -71,8 +88,15 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response {
 async fn receive_webhook(
     State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    let Ok(_slot) = state.webhook_slots.try_acquire() else {
+        state.metrics.webhook("unknown", "busy");
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "too many webhooks at once; the next interval syncs anyway"}),
+        );
+    };
     let provider = match webhook::provider_of(&headers) {
         Ok(provider) => provider,
         Err(e) => {
@@ -81,6 +105,42 @@ async fn receive_webhook(
         }
     };
     let name = provider.as_str();
+    // Refused before a byte of the body is read: no secret here, or no signature there.
+    if let Err(e @ (webhook::WebhookError::NoSecret | webhook::WebhookError::Unsigned { .. })) =
+        webhook::verify(provider, &headers, &[], state.webhook_secret.as_deref())
+    {
+        state.metrics.webhook(name, "unauthorized");
+        return reply(StatusCode::UNAUTHORIZED, json!({"error": e.to_string()}));
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > WEBHOOK_BODY_LIMIT) {
+        state.metrics.webhook(name, "invalid");
+        return too_large();
+    }
+    let body = match tokio::time::timeout(
+        WEBHOOK_READ_TIMEOUT,
+        axum::body::to_bytes(body, WEBHOOK_BODY_LIMIT),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => {
+            state.metrics.webhook(name, "invalid");
+            return too_large();
+        }
+        Err(_) => {
+            state.metrics.webhook(name, "invalid");
+            return reply(
+                StatusCode::REQUEST_TIMEOUT,
+                json!({"error": format!(
+                    "the body did not arrive within {}s", WEBHOOK_READ_TIMEOUT.as_secs()
+                )}),
+            );
+        }
+    };
     if let Err(e) = webhook::verify(provider, &headers, &body, state.webhook_secret.as_deref()) {
         tracing::warn!(provider = name, error = %e, "refused a webhook");
         state.metrics.webhook(name, "unauthorized");

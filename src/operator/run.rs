@@ -63,6 +63,7 @@ pub async fn run(cluster: Cluster, options: OperatorOptions) -> Result<(), RunEr
         metrics: metrics.clone(),
         ready: ready.clone(),
         webhook_secret: options.webhook_secret,
+        webhook_slots: tokio::sync::Semaphore::new(http::WEBHOOK_CONCURRENCY),
         client: cluster.client().clone(),
         watch_namespace: options.watch_namespace.clone(),
     });
