@@ -54,6 +54,10 @@ pub struct GlobalArgs {
     /// When to colour the output
     #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
+    /// How long a git server may take to accept a connection or to send the next bytes
+    #[arg(long, global = true, env = "KOMMIT_GIT_TIMEOUT", default_value = "60s",
+          value_parser = parse_duration, value_name = "DURATION")]
+    pub git_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -284,9 +288,19 @@ pub enum Output {
     Markdown,
 }
 
-/// Runs the command line on the binary's async runtime; returns the process exit code.
-pub async fn main() -> u8 {
+/// Reads the command line, and sets what must be set before any thread starts (git's network
+/// timeout, a libgit2 global).
+pub fn parse() -> Cli {
     let cli = Cli::parse();
+    // SAFETY: called from `main` before the async runtime, the only spawner of threads.
+    if let Err(e) = unsafe { crate::source::set_git_timeout(cli.global.git_timeout) } {
+        eprintln!("warning: {e}");
+    }
+    cli
+}
+
+/// Runs the command line on the binary's async runtime; returns the process exit code.
+pub async fn main(cli: Cli) -> u8 {
     // A service logs what it does; a command speaks only when asked.
     let service = matches!(
         cli.command,

@@ -182,6 +182,51 @@ fn looks_like_scp(spec: &str) -> bool {
     }
 }
 
+/// How long a git server may take to accept a connection, and then to send or take the next
+/// bytes (libgit2 waits for ever by default: a server that accepts and never answers would hold
+/// a sync, and an operator's worker, for good).
+pub const DEFAULT_GIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+static GIT_TIMEOUT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+
+/// Bounds every later connect, read and write of a git fetch by `timeout`.
+///
+/// # Safety
+/// libgit2 keeps this in a global without synchronisation: call it at start-up, before any
+/// thread that uses git is spawned (the binary does, before its async runtime starts).
+pub unsafe fn set_git_timeout(timeout: std::time::Duration) -> Result<(), SourceError> {
+    let millis = i32::try_from(timeout.as_millis())
+        .unwrap_or(i32::MAX)
+        .max(1);
+    let failed = |e: git2::Error| SourceError::Fetch {
+        url: String::new(),
+        message: format!("cannot set git's network timeout: {}", e.message()),
+        hint: String::new(),
+    };
+    // SAFETY: the caller promises no other thread uses libgit2 yet.
+    unsafe {
+        git2::opts::set_server_connect_timeout_in_milliseconds(millis).map_err(failed)?;
+        git2::opts::set_server_timeout_in_milliseconds(millis).map_err(failed)?;
+    }
+    let _ = GIT_TIMEOUT.set(timeout);
+    Ok(())
+}
+
+/// What a timed-out fetch should say about the bound it hit.
+fn explain_timeout(message: String) -> String {
+    if !message.contains("timed out") {
+        return message;
+    }
+    match GIT_TIMEOUT.get() {
+        Some(timeout) => format!(
+            "{message} (the git server did not answer within {}s; --git-timeout or \
+             KOMMIT_GIT_TIMEOUT changes it)",
+            timeout.as_secs()
+        ),
+        None => message,
+    }
+}
+
 impl GitSource {
     /// Opens a local repository in place, or mirrors a remote one into `cache_dir` (fetching it
     /// when the mirror already exists), with an ssh agent or git's credential helper
@@ -265,13 +310,13 @@ impl GitSource {
         // What the credential callbacks found wrong is clearer than what libgit2 makes of it.
         let fetch_err = |e: git2::Error| SourceError::Fetch {
             url: self.display.clone(),
-            message: redact_in(
+            message: explain_timeout(redact_in(
                 &failure
                     .borrow_mut()
                     .take()
                     .unwrap_or_else(|| self.credentials.explain(e.message())),
                 url,
-            ),
+            )),
             hint: self.credentials.hint(),
         };
         if secret_of_url(url).is_some()

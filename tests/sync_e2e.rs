@@ -640,3 +640,29 @@ fn a_crd_its_resource_and_another_object_sync_together_the_first_time() {
     cleanup();
     assert_eq!(again.code, 0, "in sync after the first sync: {again:?}");
 }
+
+#[test]
+fn a_git_server_that_never_answers_is_given_up_on_with_a_clear_error() {
+    // Accepts connections and never says a word.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in server.incoming() {
+            held.push(stream);
+        }
+    });
+    let url = format!("http://{address}/shop.git");
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(kommit(&["diff", "--repo", &url, "--git-timeout", "2s"]));
+    });
+    let run = finished
+        .recv_timeout(Duration::from_secs(120))
+        .expect("kommit gives up on its own");
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr.contains("did not answer within 2s") && run.stderr.contains("--git-timeout"),
+        "{run:?}"
+    );
+}
