@@ -58,6 +58,10 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "KOMMIT_GIT_TIMEOUT", default_value = "60s",
           value_parser = parse_duration, value_name = "DURATION")]
     pub git_timeout: std::time::Duration,
+    /// How long an API request may wait for the server's next bytes
+    #[arg(long, global = true, env = "KOMMIT_API_TIMEOUT", default_value = "30s",
+          value_parser = parse_duration, value_name = "DURATION")]
+    pub api_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -369,6 +373,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         kubeconfig: cli.global.kubeconfig.clone(),
         context: cli.global.context.clone(),
         instance: std::env::var("POD_NAME").ok().filter(|v| !v.is_empty()),
+        request_timeout: Some(cli.global.api_timeout),
     };
     let color = use_color(cli.global.color);
     match cli.command {

@@ -22,7 +22,13 @@ pub struct ConnectOptions {
     pub context: Option<String>,
     /// This process's name in the Events it writes (the operator's pod name).
     pub instance: Option<String>,
+    /// How long one API request may wait for the server's next bytes
+    /// (default [`DEFAULT_API_TIMEOUT`]).
+    pub request_timeout: Option<Duration>,
 }
+
+/// An API server that goes quiet this long in the middle of a request has failed it.
+pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -336,11 +342,23 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
+    /// Watches end on the server's side before the read timeout could cut them (and resume
+    /// where they were), so a quiet watch is not taken for a hung server.
+    pub fn watcher_config(&self) -> kube::runtime::watcher::Config {
+        let read_timeout = self.config.read_timeout.unwrap_or(DEFAULT_API_TIMEOUT);
+        let seconds = read_timeout.as_secs().saturating_sub(5).max(5);
+        kube::runtime::watcher::Config::default().timeout(u32::try_from(seconds).unwrap_or(290))
+    }
+
     /// Loads the client configuration the usual way (explicit file, `KUBECONFIG`,
     /// `~/.kube/config`, or the in-cluster service account) and runs discovery.
     pub async fn connect(options: &ConnectOptions) -> Result<Self, ClusterError> {
         let mut config = load_config(options).await?;
         config.connect_timeout = Some(Duration::from_secs(10));
+        // kube waits for ever by default: a hung API server would hold a sync for good.
+        let timeout = options.request_timeout.unwrap_or(DEFAULT_API_TIMEOUT);
+        config.read_timeout = Some(timeout);
+        config.write_timeout = Some(timeout);
         let server = config.cluster_url.to_string();
         let default_namespace = config.default_namespace.clone();
         let client = client_for(config.clone())?;
@@ -733,10 +751,19 @@ fn classify_error(
 ) -> ClusterError {
     match error {
         kube::Error::Api(status) => classify_status(*status, object, action),
-        kube::Error::HyperError(_) | kube::Error::Service(_) => ClusterError::Unreachable {
-            server: server.to_string(),
-            message: error_chain(&error),
-        },
+        kube::Error::HyperError(_) | kube::Error::Service(_) => {
+            let mut message = error_chain(&error);
+            if message.contains("timed out") || message.contains("deadline has elapsed") {
+                message.push_str(&format!(
+                    " (no answer to {action} {object} in time; --api-timeout or \
+                     KOMMIT_API_TIMEOUT sets how long to wait)"
+                ));
+            }
+            ClusterError::Unreachable {
+                server: server.to_string(),
+                message,
+            }
+        }
         other => ClusterError::Api {
             object: object.to_string(),
             action,

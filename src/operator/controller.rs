@@ -158,7 +158,7 @@ pub async fn run(
     // forgotten when its deletion is seen, and in a sweep for deletions missed while the watch
     // was re-listing.
     let on_delete = context.metrics.clone();
-    let triggers = watcher(api, watcher::Config::default())
+    let triggers = watcher(api, context.cluster.watcher_config())
         .default_backoff()
         .reflect(writer)
         .inspect_ok(move |event| {

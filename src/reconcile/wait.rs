@@ -150,7 +150,7 @@ fn start_watches(cluster: &Cluster, watched: &[Watched]) -> Option<(Stores, Driv
         return None;
     }
     let client = cluster.client().clone();
-    let config = watcher::Config::default().page_size(100);
+    let config = cluster.watcher_config().page_size(100);
     let mut drivers: Vec<Driver> = Vec::new();
     let mut stores = Stores {
         deployments: Stores1(Vec::new()),

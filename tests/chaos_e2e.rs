@@ -1,0 +1,112 @@
+//! When the cluster or a git server misbehaves, kommit gives up on its own, says why, and the
+//! next run converges: nothing waits for ever, nothing is duplicated or half-applied for good.
+//! These tests hang parts of the shared sandbox, so they take turns.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn sandbox(args: &[&str]) {
+    let status = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/sandbox"))
+        .args(args)
+        .status()
+        .expect("scripts/sandbox runs");
+    assert!(status.success(), "scripts/sandbox {args:?} failed");
+}
+
+/// Resumes the component when dropped, so a failing test leaves the sandbox usable.
+struct Paused(&'static str);
+
+impl Paused {
+    fn now(component: &'static str) -> Self {
+        sandbox(&["pause", component]);
+        Paused(component)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        sandbox(&["resume", self.0]);
+    }
+}
+
+fn deployment(name: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {{app: {name}}}\n  template:\n    metadata:\n      labels: {{app: {name}}}\n    spec:\n      containers:\n      - name: app\n        image: nginx:1.25\n"
+    )
+}
+
+#[test]
+fn an_api_server_that_stops_answering_mid_sync_fails_the_sync_and_a_rerun_converges() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ns = TestNamespace::new("chaos-api");
+    let repo = GitRepo::new();
+    for i in 0..40 {
+        repo.write(&format!("deploy/web-{i:02}.yaml"), &deployment(&format!("web-{i:02}")));
+    }
+    repo.commit("Forty Deployments");
+    let args = [
+        "sync",
+        "--repo",
+        repo.path_str(),
+        "--path",
+        "deploy",
+        "-n",
+        &ns.name,
+        "--no-wait",
+        "--api-timeout",
+        "5s",
+    ];
+    let (done, finished) = std::sync::mpsc::channel();
+    let owned: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    std::thread::spawn(move || {
+        let args: Vec<&str> = owned.iter().map(String::as_str).collect();
+        let _ = done.send(kommit(&args));
+    });
+    // Hung, not dead: the process is there and the connection open, and nothing comes back.
+    std::thread::sleep(Duration::from_millis(300));
+    let paused = Paused::now("apiserver");
+    let started = Instant::now();
+    let run = finished
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the sync gives up on its own");
+    let waited = started.elapsed();
+    drop(paused);
+    if run.code == 0 {
+        // The sync was quicker than the pause; nothing to learn here but that it converged.
+        eprintln!("the sync finished before the API server was paused");
+    } else {
+        assert_eq!(run.code, 2, "{run:?}");
+        assert!(
+            run.stderr.contains("--api-timeout"),
+            "says what timed out: {run:?}"
+        );
+        assert!(waited < Duration::from_secs(120));
+    }
+
+    wait_until(Duration::from_secs(60), "the API server answers again", || {
+        kubectl(&["get", "--raw", "/readyz"]).status.success()
+    });
+    let rerun = kommit(&args);
+    assert_eq!(rerun.code, 0, "{rerun:?}");
+    let names = kubectl_ok(&[
+        "get",
+        "deployments",
+        "-n",
+        &ns.name,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}{'\\n'}{end}",
+    ]);
+    assert_eq!(names.lines().count(), 40, "{names}");
+    let again = kommit(&args);
+    assert!(
+        again.stdout.contains("40 unchanged"),
+        "converged: {again:?}"
+    );
+}
