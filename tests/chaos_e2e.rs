@@ -48,7 +48,10 @@ fn an_api_server_that_stops_answering_mid_sync_fails_the_sync_and_a_rerun_conver
     let ns = TestNamespace::new("chaos-api");
     let repo = GitRepo::new();
     for i in 0..40 {
-        repo.write(&format!("deploy/web-{i:02}.yaml"), &deployment(&format!("web-{i:02}")));
+        repo.write(
+            &format!("deploy/web-{i:02}.yaml"),
+            &deployment(&format!("web-{i:02}")),
+        );
     }
     repo.commit("Forty Deployments");
     let args = [
@@ -90,9 +93,11 @@ fn an_api_server_that_stops_answering_mid_sync_fails_the_sync_and_a_rerun_conver
         assert!(waited < Duration::from_secs(120));
     }
 
-    wait_until(Duration::from_secs(60), "the API server answers again", || {
-        kubectl(&["get", "--raw", "/readyz"]).status.success()
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "the API server answers again",
+        || kubectl(&["get", "--raw", "/readyz"]).status.success(),
+    );
     let rerun = kommit(&args);
     assert_eq!(rerun.code, 0, "{rerun:?}");
     let names = kubectl_ok(&[
@@ -109,4 +114,81 @@ fn an_api_server_that_stops_answering_mid_sync_fails_the_sync_and_a_rerun_conver
         again.stdout.contains("40 unchanged"),
         "converged: {again:?}"
     );
+}
+
+fn gitsync(name: &str, repo: &str) -> String {
+    format!(
+        "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {name}}}\nspec:\n  repo: {repo}\n  branch: main\n  path: deploy\n  interval: 10s\n"
+    )
+}
+
+fn ready(namespace: &str, gitsync: &str, field: &str) -> String {
+    jsonpath(
+        namespace,
+        &format!("gitsync/{gitsync}"),
+        &format!("{{.status.conditions[?(@.type=='Ready')].{field}}}"),
+    )
+}
+
+#[test]
+fn a_git_server_that_never_answers_costs_one_gitsync_and_the_others_go_on() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    install_gitsync_crd();
+    let ns = TestNamespace::new("chaos-git");
+    // Accepts connections and never says a word.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}/shop.git", server.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in server.incoming() {
+            held.push(stream);
+        }
+    });
+    let repo = GitRepo::new();
+    repo.write(
+        "deploy/settings.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  v: \"1\"\n",
+    );
+    repo.commit("Settings v1");
+    repo.git(&["branch", "-M", "main"]);
+    let _operator = OperatorProcess::start(
+        &[
+            "--watch-namespace",
+            &ns.name,
+            "--no-leader-election",
+            "--allow-local-repos",
+            "--git-timeout",
+            "2s",
+        ],
+        &[],
+    );
+    kubectl_apply(&ns.name, &gitsync("stuck", &dead), &[]);
+    kubectl_apply(
+        &ns.name,
+        &gitsync("fine", &format!("file://{}", repo.path_str())),
+        &[],
+    );
+    wait_until(
+        Duration::from_secs(90),
+        "the GitSync of the dead server says it timed out",
+        || {
+            ready(&ns.name, "stuck", "reason") == "SourceUnavailable"
+                && ready(&ns.name, "stuck", "message").contains("did not answer within 2s")
+        },
+    );
+    wait_until(Duration::from_secs(90), "the other GitSync syncs", || {
+        kubectl(&["get", "-n", &ns.name, "configmap/settings"])
+            .status
+            .success()
+    });
+    // And keeps following its branch while the first one keeps failing.
+    repo.write(
+        "deploy/settings.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  v: \"2\"\n",
+    );
+    repo.commit("Settings v2");
+    wait_until(Duration::from_secs(90), "the next commit is synced", || {
+        jsonpath(&ns.name, "configmap/settings", "{.data.v}") == "2"
+    });
+    assert_eq!(ready(&ns.name, "stuck", "reason"), "SourceUnavailable");
 }

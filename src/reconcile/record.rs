@@ -1,13 +1,18 @@
 //! Step six: what is written down after a sync: Events on the objects concerned, the outcome in
 //! the source's record, and (on request, in a local repository) a git note on the commit.
 
-use super::{Policy, Prepared};
+use futures::{FutureExt, StreamExt, stream};
+
+use super::{CONCURRENCY, Policy, Prepared};
 use crate::audit::{self, Events, Outcome, Record};
 use crate::cluster::Cluster;
 use crate::commit::CommitInfo;
 use crate::object::ObjectKey;
 use crate::plan::Action;
 use crate::source::GitSource;
+
+/// How long the Events of one sync may take to write, all together.
+const EVENTS_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Writes down the outcome of one commit's sync.
 pub(super) struct Journal<'a> {
@@ -46,10 +51,21 @@ impl<'a> Journal<'a> {
             self.commit.subject,
             self.commit.author
         );
-        for (action, key) in applied {
-            if *action != Action::Prune {
-                self.event(key, false, "Synced", note.clone()).await;
-            }
+        let publishing: Vec<_> = applied
+            .iter()
+            .filter(|(action, _)| *action != Action::Prune)
+            .map(|(_, key)| self.event(key, false, "Synced", note.clone()).boxed())
+            .collect();
+        let all = stream::iter(publishing)
+            .buffer_unordered(CONCURRENCY)
+            .collect::<Vec<()>>();
+        // Best effort, and bounded: a server that stopped answering after the writes must not
+        // hold the sync for one timeout per object.
+        if tokio::time::timeout(EVENTS_BUDGET, all).await.is_err() {
+            tracing::warn!(
+                "not every Synced Event was written within {}s; the sync itself is done",
+                EVENTS_BUDGET.as_secs()
+            );
         }
     }
 
