@@ -104,7 +104,11 @@ fn a_team_admin_of_its_namespace_cannot_write_into_another_nor_bind_cluster_admi
     );
     kubectl_apply(
         &a.name,
-        &gitsync("shop", &local(&repo), "  serviceAccountName: deployer\n"),
+        &gitsync(
+            "shop",
+            &local(&repo),
+            "  serviceAccountName: deployer\n  prune: true\n",
+        ),
         &[],
     );
     let ready = |field: &str| condition(&a.name, "shop", "Ready", field);
@@ -175,6 +179,7 @@ fn a_team_admin_of_its_namespace_cannot_write_into_another_nor_bind_cluster_admi
 
     // Within its own namespace the commit goes through.
     repo.remove("deploy/root.yaml");
+    repo.write("deploy/extra.yaml", &config_map("extra", None, "team-a"));
     repo.commit("Only our own settings");
     wait_until(
         Duration::from_secs(60),
@@ -186,10 +191,32 @@ fn a_team_admin_of_its_namespace_cannot_write_into_another_nor_bind_cluster_admi
         "team-a"
     );
     assert_eq!(
+        jsonpath(&a.name, "configmap/extra", "{.data.owner}"),
+        "team-a"
+    );
+    assert_eq!(
         jsonpath(&b.name, "configmap/precious", "{.data.owner}"),
         "team-b"
     );
     assert!(!exists(None, &format!("clusterrolebinding/{binding}")));
+
+    // Prune, made as the ServiceAccount too, removes what left git in namespace a.
+    repo.remove("deploy/extra.yaml");
+    let last = repo.commit("No extra settings");
+    wait_until(
+        Duration::from_secs(60),
+        "the removed file's ConfigMap is pruned",
+        || {
+            jsonpath(&a.name, "gitsync/shop", "{.status.lastAppliedCommit}") == last
+                && !exists(Some(&a.name), "configmap/extra")
+        },
+    );
+    assert_eq!(ready("status"), "True", "{}", ready("message"));
+    assert!(exists(Some(&a.name), "configmap/settings"));
+    assert_eq!(
+        jsonpath(&b.name, "configmap/precious", "{.data.owner}"),
+        "team-b"
+    );
 }
 
 #[test]
