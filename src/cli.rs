@@ -200,7 +200,7 @@ kommit.dev/reconcile-requested-at=\"$(date +%s)\" --overwrite` does the same by 
         lease_duration: std::time::Duration,
         /// GitSyncs without spec.serviceAccountName act as this ServiceAccount of their own
         /// namespace (default: as the operator itself, for a single-team cluster)
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", value_parser = crate::operator::controller::service_account_name)]
         default_service_account: Option<String>,
         /// Let GitSyncs sync local paths and file:// repositories of the operator's machine
         #[arg(long)]

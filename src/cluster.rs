@@ -254,7 +254,8 @@ impl std::fmt::Display for Denied {
 /// The Kubernetes verb behind one of kommit's actions.
 fn verb_of(action: &str) -> &str {
     match action {
-        "apply" | "dry-run apply" => "patch",
+        "apply" | "dry-run apply" | "write" => "patch",
+        "read" => "get",
         other => other,
     }
 }

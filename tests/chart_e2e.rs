@@ -210,13 +210,31 @@ fn the_chart_ships_the_crd_that_kommit_crd_prints() {
     }
 }
 
+/// `tenancy.mode=open`: every GitSync acts as the operator, with the chart's deploy rules.
+const OPEN: [&str; 2] = ["--set", "tenancy.mode=open"];
+
+/// `values` with `tenancy.mode=open` before them.
+fn open_mode<'a>(values: &[&'a str]) -> Vec<&'a str> {
+    OPEN.iter().chain(values).copied().collect()
+}
+
 #[test]
 fn the_chart_lints_and_renders_a_locked_down_operator_with_least_privilege() {
     let chart = chart_dir();
     helm_ok(&["lint", "--strict", &chart]);
     helm_ok(&["lint", "--strict", &chart, "--set", "rbac.scope=namespace"]);
+    helm_ok(&["lint", "--strict", &chart, "--set", "tenancy.mode=open"]);
+    helm_ok(&[
+        "lint",
+        "--strict",
+        &chart,
+        "--set",
+        "tenancy.mode=open",
+        "--set",
+        "rbac.scope=namespace",
+    ]);
 
-    let docs = documents(&render("kommit", "kommit", &[]));
+    let docs = documents(&render("kommit", "kommit", &OPEN));
     assert_eq!(
         kinds(&docs),
         [
@@ -365,12 +383,12 @@ fn the_chart_lints_and_renders_a_locked_down_operator_with_least_privilege() {
     let docs = documents(&render(
         "kommit",
         "kommit",
-        &[
+        &open_mode(&[
             "--set",
             "rbac.scope=namespace",
             "--set",
             "rbac.namespaces={shop}",
-        ],
+        ]),
     ));
     assert!(of_kind(&docs, "ClusterRole").is_empty());
     assert!(of_kind(&docs, "ClusterRoleBinding").is_empty());
@@ -402,12 +420,12 @@ fn the_chart_lints_and_renders_a_locked_down_operator_with_least_privilege() {
     let docs = documents(&render(
         "kommit",
         "kommit",
-        &[
+        &open_mode(&[
             "--set",
             "rbac.scope=namespace",
             "--set",
             "rbac.namespaces={shop,blog}",
-        ],
+        ]),
     ));
     assert_eq!(flag(&args_of(&docs), "--watch-namespace"), Some("kommit"));
     assert_eq!(
@@ -460,7 +478,7 @@ fn the_chart_lints_and_renders_a_locked_down_operator_with_least_privilege() {
     let docs = documents(&render(
         "kommit",
         "kommit",
-        &["--set", "rbac.clusterAdmin=true"],
+        &open_mode(&["--set", "rbac.clusterAdmin=true"]),
     ));
     assert!(of_kind(&docs, "ClusterRole").is_empty());
     assert_eq!(
@@ -476,6 +494,101 @@ fn the_chart_lints_and_renders_a_locked_down_operator_with_least_privilege() {
     ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("rbac"));
+    for bad_values in [
+        ["--set", "tenancy.mode=shared"],
+        ["--set", "rbac.clusterAdmin=true"],
+    ] {
+        let mut args = vec!["template", "kommit", chart.as_str()];
+        args.extend(bad_values);
+        let bad = helm(&args);
+        assert!(!bad.status.success(), "{bad_values:?} is refused");
+        assert!(
+            String::from_utf8_lossy(&bad.stderr).contains("tenancy"),
+            "{}",
+            String::from_utf8_lossy(&bad.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_locked_chart_gives_the_operator_only_gitsyncs_events_and_impersonation() {
+    for (scope, values) in [
+        ("cluster", vec![]),
+        (
+            "namespace",
+            vec![
+                "--set",
+                "rbac.scope=namespace",
+                "--set",
+                "rbac.namespaces={shop}",
+            ],
+        ),
+    ] {
+        let docs = documents(&render("kommit", "kommit", &values));
+        let args = args_of(&docs);
+        assert_eq!(
+            flag(&args, "--default-service-account"),
+            Some("default"),
+            "{scope}: {args:?}"
+        );
+        // Nothing to deploy with: every write goes through a GitSync's ServiceAccount.
+        for (group, resource, verb) in [
+            ("apps", "deployments", "patch"),
+            ("", "configmaps", "create"),
+            ("", "services", "delete"),
+            ("", "pods", "list"),
+            ("", "serviceaccounts", "create"),
+        ] {
+            assert!(
+                !allows(&docs, group, resource, verb),
+                "{scope}: {verb} on {group}/{resource}"
+            );
+        }
+        for (group, resource, verb) in [
+            ("kommit.dev", "gitsyncs", "watch"),
+            ("kommit.dev", "gitsyncs/status", "patch"),
+            ("", "secrets", "get"),
+            ("events.k8s.io", "events", "create"),
+            ("", "serviceaccounts", "impersonate"),
+            ("coordination.k8s.io", "leases", "create"),
+        ] {
+            assert!(
+                allows(&docs, group, resource, verb),
+                "{scope}: {verb} on {group}/{resource}"
+            );
+        }
+        // Impersonating groups or users would reach any of them, system:masters included.
+        for resource in ["groups", "users", "userextras", "uids"] {
+            assert!(
+                !allows(&docs, "", resource, "impersonate")
+                    && !allows(&docs, "authentication.k8s.io", resource, "impersonate"),
+                "{scope}: impersonate on {resource}"
+            );
+        }
+        for (role, rule) in rules(&docs) {
+            for field in ["apiGroups", "resources", "verbs"] {
+                assert!(
+                    !strings(&rule[field]).iter().any(|s| s.contains('*')),
+                    "{role} has a wildcard in {field}: {rule}"
+                );
+            }
+        }
+        if scope == "namespace" {
+            assert!(of_kind(&docs, "ClusterRole").is_empty());
+            assert!(of_kind(&docs, "ClusterRoleBinding").is_empty());
+        }
+    }
+    let docs = documents(&render(
+        "kommit",
+        "kommit",
+        &["--set", "tenancy.defaultServiceAccount=kommit-deployer"],
+    ));
+    assert_eq!(
+        flag(&args_of(&docs), "--default-service-account"),
+        Some("kommit-deployer")
+    );
+    let docs = documents(&render("kommit", "kommit", &OPEN));
+    assert!(flag(&args_of(&docs), "--default-service-account").is_none());
 }
 
 #[test]
@@ -492,6 +605,7 @@ fn the_rendered_chart_passes_a_server_side_dry_run_under_the_restricted_pod_secu
     let release = unique_release("dry");
     for (name, values) in [
         ("cluster", vec!["--include-crds"]),
+        ("open", vec!["--include-crds", "--set", "tenancy.mode=open"]),
         (
             "namespace",
             vec![
@@ -982,12 +1096,183 @@ fn the_operator_does_its_whole_job(test: &str, values: &[&str]) {
 
 #[test]
 fn the_operator_does_its_whole_job_with_the_charts_cluster_role() {
-    the_operator_does_its_whole_job("chart cluster role", &[]);
+    the_operator_does_its_whole_job("chart cluster role", &OPEN);
 }
 
 #[test]
 fn the_operator_does_its_whole_job_with_the_charts_namespaced_roles() {
-    the_operator_does_its_whole_job("chart namespaced roles", &["--set", "rbac.scope=namespace"]);
+    the_operator_does_its_whole_job(
+        "chart namespaced roles",
+        &open_mode(&["--set", "rbac.scope=namespace"]),
+    );
+}
+
+/// A kubeconfig holding a real token of the ServiceAccount (TokenRequest), not an impersonating
+/// one: the operator impersonates GitSyncs' ServiceAccounts itself, and impersonation does not
+/// chain.
+fn token_kubeconfig(dir: &Path, namespace: &str, service_account: &str) -> PathBuf {
+    let token = kubectl_ok(&[
+        "create",
+        "token",
+        service_account,
+        "-n",
+        namespace,
+        "--duration=1h",
+    ]);
+    let mut config: Value = serde_json::from_str(&kubectl_ok(&[
+        "config", "view", "--raw", "--minify", "-o", "json",
+    ]))
+    .unwrap();
+    let users = config["users"].as_array_mut().unwrap();
+    users[0]["user"] = json!({"token": token.trim()});
+    let file = dir.join("token.kubeconfig");
+    std::fs::write(&file, config.to_string()).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    file
+}
+
+/// The chart's default, tenancy.mode=locked, as a user meets it: a team is onboarded in three
+/// commands (its namespace, a RoleBinding for its `default` ServiceAccount, its GitSync), its
+/// commits apply within its namespace, and a commit reaching beyond it is refused whole.
+#[test]
+fn in_locked_mode_a_team_onboards_in_three_commands_and_its_commits_stay_in_its_namespace() {
+    install_crd();
+    let home = TestNamespace::new("chart locked home");
+    let team = TestNamespace::new("chart locked team");
+    let elsewhere = TestNamespace::new("chart locked elsewhere");
+    let release = unique_release("chart");
+    // The operator watches every namespace (cluster scope); here it is told to watch the team's.
+    let rbac = Rbac::install(&release, &home.name, &[]);
+    let service_account = one(&rbac.docs, "ServiceAccount")["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = token_kubeconfig(dir.path(), &home.name, &service_account);
+    let nodes = kubectl_as(&kubeconfig, &["get", "nodes"]);
+    assert!(
+        !nodes.status.success(),
+        "the chart's ServiceAccount cannot read nodes: {nodes:?}"
+    );
+    let deploy = kubectl_as(
+        &kubeconfig,
+        &["auth", "can-i", "create", "deployments", "-n", &team.name],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&deploy.stdout).trim(),
+        "no",
+        "in locked mode the operator itself deploys nothing"
+    );
+
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &deployment("web", "nginx:1.25"));
+    repo.write("deploy/config.yaml", &config_map("web-config"));
+    let v1 = repo.commit("Web and its configuration");
+    let mut args = args_of(&rbac.docs);
+    args.remove(0);
+    let listen = args.iter().position(|a| a == "--listen").unwrap();
+    args.drain(listen..listen + 2);
+    args.extend(["--watch-namespace".into(), team.name.clone()]);
+    args.push("--allow-local-repos".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let operator = OperatorProcess::start(
+        &args,
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("POD_NAMESPACE", home.name.as_str()),
+            ("KOMMIT_LOG", "info"),
+        ],
+    );
+
+    // Onboarding, step 3 first: a GitSync whose ServiceAccount has no rights yet is refused.
+    let gitsync = format!(
+        "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: shop}}\nspec:\n  repo: file://{}\n  path: deploy\n  interval: 2s\n",
+        repo.path_str()
+    );
+    kubectl_apply(&team.name, &gitsync, &[]);
+    let ready = |field: &str| {
+        jsonpath(
+            &team.name,
+            "gitsync/shop",
+            &format!("{{.status.conditions[?(@.type=='Ready')].{field}}}"),
+        )
+    };
+    wait_for(
+        &operator,
+        &team.name,
+        Duration::from_secs(60),
+        "the GitSync of a team without rights is refused",
+        || ready("reason") == "Forbidden",
+    );
+    let message = ready("message");
+    assert!(
+        message.contains(&format!("ServiceAccount {}/default may not", team.name))
+            && message.contains("kubectl create rolebinding"),
+        "{message}"
+    );
+    assert!(!exists(&team.name, "deployment/web"));
+
+    // Step 2: the team's `default` ServiceAccount becomes admin of its namespace.
+    kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "gitsync-admin",
+        "-n",
+        &team.name,
+        "--clusterrole=admin",
+        &format!("--serviceaccount={}:default", team.name),
+    ]);
+    wait_for(
+        &operator,
+        &team.name,
+        Duration::from_secs(120),
+        "the team's commit is applied and healthy",
+        || {
+            jsonpath(&team.name, "gitsync/shop", "{.status.lastAppliedCommit}") == v1
+                && ready("status") == "True"
+        },
+    );
+    assert_eq!(
+        jsonpath(&team.name, "deployment/web", "{.status.availableReplicas}"),
+        "2"
+    );
+
+    // A commit reaching into another namespace is refused as a whole.
+    repo.write(
+        "deploy/elsewhere.yaml",
+        &format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: intruder\n  namespace: {}\n",
+            elsewhere.name
+        ),
+    );
+    repo.write("deploy/web.yaml", &deployment("web", "nginx:1.26"));
+    repo.commit("Web on nginx 1.26, and a ConfigMap elsewhere");
+    wait_for(
+        &operator,
+        &team.name,
+        Duration::from_secs(60),
+        "the commit reaching elsewhere is refused",
+        || ready("reason") == "Forbidden",
+    );
+    let message = ready("message");
+    assert!(
+        message.contains(&format!("ConfigMap {}/intruder", elsewhere.name))
+            && message.contains(&format!(
+                "kubectl create rolebinding default-configmaps -n {}",
+                elsewhere.name
+            )),
+        "{message}"
+    );
+    assert!(!exists(&elsewhere.name, "configmap/intruder"));
+    assert_eq!(
+        jsonpath(
+            &team.name,
+            "deployment/web",
+            "{.spec.template.spec.containers[0].image}"
+        ),
+        "nginx:1.25",
+        "nothing of the refused commit is applied"
+    );
 }
 
 #[test]
@@ -1001,7 +1286,7 @@ fn without_patch_on_deployments_the_operator_cannot_sync_and_says_why() {
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "create", "delete"]},
     ]);
     let set = format!("rbac.managedResources={managed}");
-    let rbac = Rbac::install(&release, &ns.name, &["--set-json", &set]);
+    let rbac = Rbac::install(&release, &ns.name, &open_mode(&["--set-json", &set]));
     assert!(!allows(&rbac.docs, "apps", "deployments", "patch"));
     let kubeconfig = rbac.kubeconfig.clone();
 
@@ -1055,7 +1340,7 @@ fn with_namespaced_roles_over_two_namespaces_health_and_prune_reach_both() {
     let rbac = Rbac::install(
         &release,
         &home.name,
-        &["--set", "rbac.scope=namespace", "--set", &namespaces],
+        &open_mode(&["--set", "rbac.scope=namespace", "--set", &namespaces]),
     );
     let kubeconfig = rbac.kubeconfig.clone();
 
@@ -1114,7 +1399,7 @@ fn without_list_on_a_kind_it_applies_the_operator_still_syncs_and_warns_that_it_
         {"apiGroups": ["apps"], "resources": ["deployments"]},
     ]);
     let set = format!("rbac.managedResources={managed}");
-    let rbac = Rbac::install(&release, &ns.name, &["--set-json", &set]);
+    let rbac = Rbac::install(&release, &ns.name, &open_mode(&["--set-json", &set]));
     assert!(!allows(&rbac.docs, "", "services", "list"));
     let kubeconfig = rbac.kubeconfig.clone();
 

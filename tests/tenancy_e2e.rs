@@ -104,7 +104,11 @@ fn a_team_admin_of_its_namespace_cannot_write_into_another_nor_bind_cluster_admi
     );
     kubectl_apply(
         &a.name,
-        &gitsync("shop", &local(&repo), "  serviceAccountName: deployer\n"),
+        &gitsync(
+            "shop",
+            &local(&repo),
+            "  serviceAccountName: deployer\n  prune: true\n",
+        ),
         &[],
     );
     let ready = |field: &str| condition(&a.name, "shop", "Ready", field);
@@ -175,6 +179,7 @@ fn a_team_admin_of_its_namespace_cannot_write_into_another_nor_bind_cluster_admi
 
     // Within its own namespace the commit goes through.
     repo.remove("deploy/root.yaml");
+    repo.write("deploy/extra.yaml", &config_map("extra", None, "team-a"));
     repo.commit("Only our own settings");
     wait_until(
         Duration::from_secs(60),
@@ -186,10 +191,32 @@ fn a_team_admin_of_its_namespace_cannot_write_into_another_nor_bind_cluster_admi
         "team-a"
     );
     assert_eq!(
+        jsonpath(&a.name, "configmap/extra", "{.data.owner}"),
+        "team-a"
+    );
+    assert_eq!(
         jsonpath(&b.name, "configmap/precious", "{.data.owner}"),
         "team-b"
     );
     assert!(!exists(None, &format!("clusterrolebinding/{binding}")));
+
+    // Prune, made as the ServiceAccount too, removes what left git in namespace a.
+    repo.remove("deploy/extra.yaml");
+    let last = repo.commit("No extra settings");
+    wait_until(
+        Duration::from_secs(60),
+        "the removed file's ConfigMap is pruned",
+        || {
+            jsonpath(&a.name, "gitsync/shop", "{.status.lastAppliedCommit}") == last
+                && !exists(Some(&a.name), "configmap/extra")
+        },
+    );
+    assert_eq!(ready("status"), "True", "{}", ready("message"));
+    assert!(exists(Some(&a.name), "configmap/settings"));
+    assert_eq!(
+        jsonpath(&b.name, "configmap/precious", "{.data.owner}"),
+        "team-b"
+    );
 }
 
 #[test]
@@ -368,4 +395,70 @@ fn a_token_in_a_repository_url_appears_nowhere() {
         );
     }
     assert!(server.users().iter().any(|user| user == "ci"));
+}
+
+/// This machine's address on its way out (not loopback): the source of a UDP "connection" to a
+/// documentation address, which sends nothing.
+fn outward_address() -> String {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket
+        .connect("192.0.2.1:9")
+        .expect("this test needs a network interface besides loopback (a route to 192.0.2.1)");
+    let address = socket.local_addr().unwrap().ip();
+    assert!(!address.is_loopback(), "{address}");
+    address.to_string()
+}
+
+#[test]
+fn a_token_is_never_sent_over_plain_http_to_another_machine() {
+    install_gitsync_crd();
+    let ns = TestNamespace::new("tenancy-plain-http");
+    let server = GitHttpServer::start_on(TOKEN, &outward_address());
+    let repo = GitRepo::new();
+    repo.write(
+        "deploy/settings.yaml",
+        &config_map("settings", None, "over-http"),
+    );
+    repo.commit("Settings");
+    let url = server.publish(&repo, "shop.git");
+    assert!(!url.contains("127.0.0.1"), "{url}");
+    let _operator = OperatorProcess::start(
+        &["--watch-namespace", &ns.name, "--no-leader-election"],
+        &[],
+    );
+    // The token in a Secret, and the token in the URL: neither goes over plain http.
+    kubectl_apply(
+        &ns.name,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: git-creds}}\nstringData: {{token: {TOKEN}}}\n"
+        ),
+        &[],
+    );
+    kubectl_apply(
+        &ns.name,
+        &gitsync("by-secret", &url, "  secretRef: {name: git-creds}\n"),
+        &[],
+    );
+    let in_url = url.replacen("http://", &format!("http://ci:{TOKEN}@"), 1);
+    kubectl_apply(&ns.name, &gitsync("by-url", &in_url, ""), &[]);
+    for (name, expected) in [
+        ("by-secret", "over plain http"),
+        ("by-url", "does not send them over plain http"),
+    ] {
+        wait_until(
+            Duration::from_secs(60),
+            &format!("GitSync {name} reports the refused fetch"),
+            || condition(&ns.name, name, "Ready", "reason") == "SourceUnavailable",
+        );
+        let message = condition(&ns.name, name, "Ready", "message");
+        assert!(message.contains(expected), "{message}");
+        assert!(message.contains("https"), "{message}");
+        assert!(!message.contains(TOKEN), "{message}");
+    }
+    assert!(
+        server.users().is_empty(),
+        "the token reached the server: {:?}",
+        server.users()
+    );
+    assert!(!exists(Some(&ns.name), "configmap/settings"));
 }

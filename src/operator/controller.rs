@@ -89,6 +89,23 @@ pub struct Tenancy {
     pub use_operator_credentials: bool,
 }
 
+/// `name` if it can name a ServiceAccount; a name with `:` would make another user name than
+/// the ServiceAccount's. Also the parser of `--default-service-account`.
+pub fn service_account_name(name: &str) -> Result<String, String> {
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    if valid {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "\"{name}\" is not a ServiceAccount name (lower-case letters, digits, '-' and '.')"
+        ))
+    }
+}
+
 impl Tenancy {
     /// Who the sync of `gitsync` acts as: its ServiceAccount, else the default one, else the
     /// operator (`None`).
@@ -98,19 +115,9 @@ impl Tenancy {
         let Some(account) = named.or(self.default_service_account.as_deref()) else {
             return Ok(None);
         };
-        // A name with `:` would make another user name than the ServiceAccount's.
-        let valid = !account.is_empty()
-            && account.len() <= 253
-            && account
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-        if !valid {
-            return Err(format!(
-                "serviceAccountName \"{account}\" is not a ServiceAccount name (lower-case \
-                 letters, digits, '-' and '.')"
-            ));
-        }
-        Ok(Some(Identity::service_account(&namespace, account)))
+        let account = service_account_name(account)
+            .map_err(|problem| format!("serviceAccountName {problem}"))?;
+        Ok(Some(Identity::service_account(&namespace, &account)))
     }
 
     /// Why the operator does not read `repo` for a GitSync, if it does not.

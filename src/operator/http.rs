@@ -160,8 +160,7 @@ async fn receive_webhook(
             return reply(StatusCode::BAD_REQUEST, json!({"error": e.to_string()}));
         }
     };
-    let _span =
-        tracing::info_span!("webhook", provider = name, repo = %urls[0], git_ref = %git_ref);
+    let _span = tracing::info_span!("webhook", provider = name, repo = %crate::source::redact_url(&urls[0]), git_ref = %git_ref);
     match request_reconciles(&state, &urls, &git_ref).await {
         Ok(triggered) if triggered.is_empty() => {
             state.metrics.webhook(name, "ignored");

@@ -321,7 +321,7 @@ impl GivenCredentials {
                     return Err(fail(format!(
                         "the server at {host} asks for the token of {origin} over plain http, \
                          where anyone on the way could read it; kommit sends tokens over https \
-                         only (or to this machine): use an https URL"
+                         only (or to a loopback address): use an https URL"
                     )));
                 }
                 token_attempts += 1;
@@ -392,8 +392,8 @@ fn ambient_callbacks(ambient: AmbientCredentials) -> git2::RemoteCallbacks<'stat
             if let Some(host) = super::plain_http_host(url) {
                 return Err(git2::Error::from_str(&format!(
                     "the server at {host} asks for credentials over plain http, where anyone on \
-                     the way could read them; kommit sends them over https only (or to this \
-                     machine): use an https URL"
+                     the way could read them; kommit sends them over https only (or to a loopback \
+                     address): use an https URL"
                 )));
             }
             if let Some(token) = &ambient.https_token {

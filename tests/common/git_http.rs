@@ -16,13 +16,21 @@ use super::GitRepo;
 /// local port that answers 401 unless the request carries the token as its basic-auth password.
 pub struct GitHttpServer {
     root: tempfile::TempDir,
+    /// The address the URLs name.
+    host: String,
     port: u16,
     /// The user names that came with the right token.
     users: Arc<Mutex<Vec<String>>>,
 }
 
 impl GitHttpServer {
+    /// A server on this machine's loopback address.
     pub fn start(token: &'static str) -> Self {
+        Self::start_on(token, "127.0.0.1")
+    }
+
+    /// A server listening on `host` (an address of this machine), which its URLs name.
+    pub fn start_on(token: &'static str, host: &str) -> Self {
         let exec_path = Command::new("git").arg("--exec-path").output().unwrap();
         let exec_path = String::from_utf8_lossy(&exec_path.stdout)
             .trim()
@@ -35,7 +43,7 @@ impl GitHttpServer {
             .prefix("kommit-git-http-")
             .tempdir()
             .unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = TcpListener::bind((host, 0)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let users = Arc::new(Mutex::new(Vec::new()));
         let (project_root, seen) = (root.path().to_path_buf(), users.clone());
@@ -47,7 +55,12 @@ impl GitHttpServer {
                 });
             }
         });
-        GitHttpServer { root, port, users }
+        GitHttpServer {
+            root,
+            host: host.to_string(),
+            port,
+            users,
+        }
     }
 
     /// Publishes `repo` as a bare repository; returns its URL.
@@ -73,7 +86,7 @@ impl GitHttpServer {
     }
 
     pub fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{name}", self.port)
+        format!("http://{}:{}/{name}", self.host, self.port)
     }
 
     pub fn users(&self) -> Vec<String> {
