@@ -292,7 +292,9 @@ pub struct Cluster {
     own_client: Client,
     /// The loaded configuration, from which impersonating clients are made.
     config: std::sync::Arc<Config>,
-    discovery: std::sync::Arc<Discovery>,
+    /// Shared by every clone (each GitSync's impersonating one too): a refresh after a CRD
+    /// appeared serves them all.
+    discovery: std::sync::Arc<std::sync::RwLock<std::sync::Arc<Discovery>>>,
     default_namespace: String,
     server: String,
     instance: Option<String>,
@@ -368,7 +370,7 @@ impl Cluster {
             own_client: client.clone(),
             client,
             config: std::sync::Arc::new(config),
-            discovery: std::sync::Arc::new(discovery),
+            discovery: std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(discovery))),
             default_namespace,
             server,
             instance: options.instance.clone(),
@@ -402,10 +404,19 @@ impl Cluster {
         &self.own_client
     }
 
-    /// Runs discovery again (after CustomResourceDefinitions were applied).
-    pub async fn refresh_discovery(&mut self) -> Result<(), ClusterError> {
-        self.discovery = std::sync::Arc::new(run_discovery(&self.client, &self.server).await?);
+    /// Runs discovery again (after CustomResourceDefinitions were applied, or when a kind is
+    /// unknown), for this cluster and all its clones.
+    pub async fn refresh_discovery(&self) -> Result<(), ClusterError> {
+        let fresh = std::sync::Arc::new(run_discovery(&self.own_client, &self.server).await?);
+        *self.discovery.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         Ok(())
+    }
+
+    fn discovery(&self) -> std::sync::Arc<Discovery> {
+        self.discovery
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn client(&self) -> &Client {
@@ -430,7 +441,7 @@ impl Cluster {
     pub fn resolve(&self, api_version: &str, kind: &str) -> Result<ResourceType, ClusterError> {
         let (group, version) = crate::manifest::split_api_version(api_version);
         let gvk = GroupVersionKind::gvk(group, version, kind);
-        if let Some((resource, capabilities)) = self.discovery.resolve_gvk(&gvk) {
+        if let Some((resource, capabilities)) = self.discovery().resolve_gvk(&gvk) {
             return Ok(ResourceType {
                 namespaced: capabilities.scope == Scope::Namespaced,
                 resource,
@@ -438,7 +449,8 @@ impl Cluster {
             });
         }
         let what = format!("{kind} ({api_version})");
-        let hint = match self.discovery.get(group) {
+        let discovery = self.discovery();
+        let hint = match discovery.get(group) {
             None if group.is_empty() => format!("the core API has no kind {kind}"),
             None => format!(
                 "the API group {group} does not exist here; install its CustomResourceDefinition \
@@ -470,7 +482,8 @@ impl Cluster {
     /// Every kind that can be listed and deleted, at its preferred version: where prune looks.
     pub fn prunable_types(&self) -> Vec<ResourceType> {
         let mut types = Vec::new();
-        for group in self.discovery.groups() {
+        let discovery = self.discovery();
+        for group in discovery.groups() {
             for (resource, capabilities) in group.recommended_resources() {
                 let listable = capabilities.supports_operation(verbs::LIST)
                     && capabilities.supports_operation(verbs::DELETE);

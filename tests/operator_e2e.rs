@@ -589,3 +589,54 @@ fn huge_and_dawdling_webhooks_are_cut_off_and_the_probes_keep_answering() {
     assert_eq!((busy, timed_out), (34, 16), "{answers:?}");
     assert_eq!(operator.get("/healthz").0, 200);
 }
+
+#[test]
+fn a_crd_installed_after_the_operator_started_is_seen_at_the_next_reconcile() {
+    install_gitsync_crd();
+    let ns = TestNamespace::new("operator-late-crd");
+    let group = format!("{}.example.com", ns.name);
+    let repo = GitRepo::new();
+    repo.write(
+        "deploy/gadget.yaml",
+        &format!("apiVersion: {group}/v1\nkind: Gadget\nmetadata:\n  name: g\nspec:\n  size: 2\n"),
+    );
+    repo.commit("A Gadget, whose kind the platform team installs");
+    let _operator = OperatorProcess::start(
+        &[
+            "--watch-namespace",
+            &ns.name,
+            "--no-leader-election",
+            "--allow-local-repos",
+        ],
+        &[],
+    );
+    kubectl_apply(&ns.name, &gitsync("shop", &repo, "  interval: 2s\n"), &[]);
+    let reason = || {
+        jsonpath(
+            &ns.name,
+            "gitsync/shop",
+            "{.status.conditions[?(@.type=='Synced')].reason}",
+        )
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the unknown kind is refused",
+        || reason() == "InvalidCommit",
+    );
+    let crd = format!(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: gadgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names: {{plural: gadgets, singular: gadget, kind: Gadget}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        x-kubernetes-preserve-unknown-fields: true\n"
+    );
+    kubectl_apply(&ns.name, &crd, &[]);
+    let gadget = format!("gadget.{group}/g");
+    let found = std::panic::catch_unwind(|| {
+        wait_until(Duration::from_secs(60), "the Gadget is synced", || {
+            kubectl(&["get", "-n", &ns.name, &gadget]).status.success()
+        })
+    });
+    let _ = kubectl(&["delete", &format!("crd/gadgets.{group}"), "--wait=false"]);
+    assert!(
+        found.is_ok(),
+        "the operator never saw the new kind: {}",
+        reason()
+    );
+}

@@ -80,6 +80,15 @@ pub async fn load(
         .namespace
         .clone()
         .unwrap_or_else(|| cluster.default_namespace().to_string());
+    // A kind the cluster did not serve when kommit last looked may be served now (a CRD
+    // installed since): look again once before calling it unknown.
+    if manifests
+        .iter()
+        .any(|m| cluster.resolve(&m.api_version, &m.kind).is_err() && !defined_in(&manifests, m))
+    {
+        drop(_span);
+        cluster.refresh_discovery().await?;
+    }
     let desired =
         resolve(cluster, manifests, &namespace, &inventory, &source_note).map_err(|problems| {
             ReconcileError::Invalid {
@@ -96,6 +105,19 @@ pub async fn load(
             commit,
         },
         inventory,
+    })
+}
+
+/// Whether a CustomResourceDefinition among `manifests` defines the kind of `manifest`.
+fn defined_in(manifests: &[Manifest], manifest: &Manifest) -> bool {
+    manifests.iter().any(|m| {
+        m.group() == "apiextensions.k8s.io"
+            && m.kind == "CustomResourceDefinition"
+            && m.object.pointer("/spec/group").and_then(|g| g.as_str()) == Some(manifest.group())
+            && m.object
+                .pointer("/spec/names/kind")
+                .and_then(|k| k.as_str())
+                == Some(manifest.kind.as_str())
     })
 }
 
