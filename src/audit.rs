@@ -303,6 +303,7 @@ impl RecordStore {
     }
 
     pub async fn save(&self, record: &Record) -> Result<(), ClusterError> {
+        self.cluster.check_fence(&self.location())?;
         let body = serde_json::json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",

@@ -78,6 +78,43 @@ pub enum ClusterError {
         what: &'static str,
         seconds: u64,
     },
+    #[error(
+        "not writing {object}: this replica can no longer be sure it holds the leader lease, and \
+         another may already be reconciling"
+    )]
+    Fenced { object: String },
+}
+
+/// Until when this process may write: a leader's lease renewals move it forward, and once it
+/// passes (a renewal failed for too long, or the process was paused), every write is refused
+/// before it is sent. A monotonic clock, so a paused process finds its time gone on waking.
+#[derive(Clone, Debug)]
+pub struct Fence(std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>);
+
+impl Fence {
+    /// A fence that allows nothing yet.
+    pub fn closed() -> Self {
+        Fence(std::sync::Arc::new(std::sync::Mutex::new(None)))
+    }
+
+    /// Allows writes until `until` (never moves it back but through [`Fence::close`]).
+    pub fn open_until(&self, until: std::time::Instant) {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none_or(|current| current < until) {
+            *slot = Some(until);
+        }
+    }
+
+    pub fn close(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    pub fn allows_writes(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|until| std::time::Instant::now() < until)
+    }
 }
 
 /// What the API server refused, read from its 403: who may not do what, and where.
@@ -299,6 +336,8 @@ pub struct Cluster {
     server: String,
     instance: Option<String>,
     acting_as: Option<Identity>,
+    /// When set, writes go out only while it allows them (a leader's lease).
+    fence: Option<Fence>,
 }
 
 /// Someone a [`Cluster`] acts as by impersonation.
@@ -375,7 +414,26 @@ impl Cluster {
             server,
             instance: options.instance.clone(),
             acting_as: None,
+            fence: None,
         })
+    }
+
+    /// The same cluster, writing only while `fence` allows it.
+    pub fn fenced(&self, fence: Fence) -> Cluster {
+        Cluster {
+            fence: Some(fence),
+            ..self.clone()
+        }
+    }
+
+    /// Refuses a write the fence does not allow, before it is sent.
+    pub fn check_fence(&self, object: &str) -> Result<(), ClusterError> {
+        match &self.fence {
+            Some(fence) if !fence.allows_writes() => Err(ClusterError::Fenced {
+                object: object.to_string(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The same cluster, every request made as `identity` (Kubernetes impersonation); the
@@ -571,6 +629,9 @@ impl Cluster {
         dry_run: bool,
         force: bool,
     ) -> Result<Value, ClusterError> {
+        if !dry_run {
+            self.check_fence(&key.to_string())?;
+        }
         let api = self.api(rt, key.namespace.as_deref());
         let mut params = PatchParams::apply(FIELD_MANAGER).validation_strict();
         if dry_run {
@@ -589,6 +650,7 @@ impl Cluster {
     /// Deletes an object (dependents are garbage-collected in the background). Returns the uid of
     /// what was deleted, or `None` when it was already gone.
     pub async fn delete(&self, rt: &ResourceType, key: &ObjectKey) -> Result<bool, ClusterError> {
+        self.check_fence(&key.to_string())?;
         let api = self.api(rt, key.namespace.as_deref());
         let params = DeleteParams {
             propagation_policy: Some(PropagationPolicy::Background),
@@ -612,6 +674,7 @@ impl Cluster {
         let Some(uid) = uid else {
             return self.delete(rt, key).await;
         };
+        self.check_fence(&key.to_string())?;
         let api = self.api(rt, key.namespace.as_deref());
         let params = DeleteParams {
             propagation_policy: Some(PropagationPolicy::Background),
@@ -641,6 +704,7 @@ impl Cluster {
         resource_version: Option<&str>,
         managed_fields: &Value,
     ) -> Result<(), ClusterError> {
+        self.check_fence(&key.to_string())?;
         let api = self.api(rt, key.namespace.as_deref());
         let mut metadata = serde_json::json!({ "managedFields": managed_fields });
         if let Some(version) = resource_version {
@@ -872,6 +936,24 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fence_allows_writes_only_until_the_lease_could_have_passed() {
+        let now = std::time::Instant::now();
+        let fence = Fence::closed();
+        assert!(!fence.allows_writes(), "nothing before the first renewal");
+        fence.open_until(now + Duration::from_secs(60));
+        assert!(fence.allows_writes());
+        fence.open_until(now);
+        assert!(fence.allows_writes(), "an older renewal never shortens it");
+        fence.close();
+        assert!(!fence.allows_writes(), "a lost lease ends it at once");
+        fence.open_until(now - Duration::from_millis(1));
+        assert!(
+            !fence.allows_writes(),
+            "a renewal whose time has passed allows nothing"
+        );
+    }
     use kube::core::response::{StatusCause, StatusDetails};
 
     fn status(code: u16, message: &str, causes: Vec<StatusCause>) -> Status {

@@ -192,3 +192,76 @@ fn a_git_server_that_never_answers_costs_one_gitsync_and_the_others_go_on() {
     });
     assert_eq!(ready(&ns.name, "stuck", "reason"), "SourceUnavailable");
 }
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn a_leader_paused_past_its_lease_is_replaced_and_writes_nothing_when_it_wakes() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    install_gitsync_crd();
+    let ns = TestNamespace::new("chaos-leader");
+    let repo = GitRepo::new();
+    let settings = |v: u32| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  v: \"{v}\"\n"
+        )
+    };
+    repo.write("deploy/settings.yaml", &settings(1));
+    repo.commit("Settings v1");
+    repo.git(&["branch", "-M", "main"]);
+    let args = [
+        "--watch-namespace",
+        &ns.name,
+        "--leader-election-namespace",
+        &ns.name,
+        "--lease-name",
+        "chaos",
+        "--lease-duration",
+        "3s",
+        "--allow-local-repos",
+    ];
+    let first = OperatorProcess::start(&args, &[]);
+    wait_until(Duration::from_secs(30), "the first replica leads", || {
+        first.metric("kommit_leader") == 1.0
+    });
+    let second = OperatorProcess::start(&args, &[]);
+    kubectl_apply(
+        &ns.name,
+        &gitsync("shop", &format!("file://{}", repo.path_str())).replace("10s", "2s"),
+        &[],
+    );
+    let value = || jsonpath(&ns.name, "configmap/settings", "{.data.v}");
+    wait_until(Duration::from_secs(60), "v1 is synced", || value() == "1");
+
+    // Hung, not dead: it holds its lease until the lease runs out.
+    signal(first.pid(), "STOP");
+    let woken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(Duration::from_secs(60), "the standby takes over", || {
+            second.metric("kommit_leader") == 1.0
+        });
+        repo.write("deploy/settings.yaml", &settings(2));
+        repo.commit("Settings v2");
+        wait_until(Duration::from_secs(60), "the new leader syncs v2", || {
+            value() == "2"
+        });
+        // Something for the old leader to do when it wakes: a commit it has not seen.
+        repo.write("deploy/settings.yaml", &settings(3));
+        repo.commit("Settings v3");
+    }));
+    let before = first.log().len();
+    signal(first.pid(), "CONT");
+    woken.unwrap();
+    wait_until(Duration::from_secs(60), "v3 is synced", || value() == "3");
+    std::thread::sleep(Duration::from_secs(5));
+    let after_waking = first.log()[before..].to_string();
+    assert!(
+        !after_waking.contains("applied object="),
+        "the old leader wrote after waking:\n{after_waking}"
+    );
+}

@@ -40,6 +40,9 @@ pub struct ServerState {
     /// False until the operator is up, and again once it shuts down.
     pub ready: Arc<AtomicBool>,
     pub webhook_secret: Option<Vec<u8>>,
+    /// When the runtime last ran the heartbeat task: a wedged runtime fails `/healthz`, so the
+    /// kubelet restarts the pod.
+    pub heartbeat: Arc<std::sync::Mutex<std::time::Instant>>,
     /// One permit per webhook in flight (see [`WEBHOOK_CONCURRENCY`]).
     pub webhook_slots: tokio::sync::Semaphore,
     pub client: kube::Client,
@@ -48,11 +51,33 @@ pub struct ServerState {
 
 pub fn router(state: Arc<ServerState>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
         .route("/webhook", post(receive_webhook))
         .with_state(state)
+}
+
+/// How long the heartbeat may be late before the process counts as wedged.
+pub const WEDGED_AFTER: Duration = Duration::from_secs(15);
+
+async fn healthz(State(state): State<Arc<ServerState>>) -> Response {
+    let late = state
+        .heartbeat
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .elapsed();
+    if late > WEDGED_AFTER {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "wedged: the async runtime has not run its heartbeat for {}s\n",
+                late.as_secs()
+            ),
+        )
+            .into_response();
+    }
+    (StatusCode::OK, "ok\n").into_response()
 }
 
 async fn readyz(State(state): State<Arc<ServerState>>) -> Response {

@@ -13,6 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
+
+use crate::cluster::Fence;
 use tokio::task::JoinHandle;
 
 #[derive(Debug, Clone)]
@@ -82,23 +84,31 @@ pub fn identity_for(host: Option<String>) -> String {
 impl Campaign {
     /// Makes a first attempt at the lease (so that missing permissions are an error at once),
     /// then keeps competing for it in the background.
-    pub async fn start(client: kube::Client, settings: LeaseSettings) -> Result<Self, LeaderError> {
+    /// `fence` is opened while this replica holds the lease, never past the time another
+    /// could take it over, and closed when it loses it.
+    pub async fn start(
+        client: kube::Client,
+        settings: LeaseSettings,
+        fence: Fence,
+    ) -> Result<Self, LeaderError> {
         let mut elector = Elector {
             api: Api::namespaced(client, &settings.namespace),
             settings,
             observed: None,
         };
+        let asked = Instant::now();
         let first = elector
             .try_acquire_or_renew()
             .await
             .map_err(|e| elector.error(e))?;
         let initial = if first {
+            fence.open_until(asked + elector.settings.renew_deadline());
             Leadership::Leader
         } else {
             Leadership::Standby
         };
         let (sender, state) = watch::channel(initial);
-        let task = tokio::spawn(keep_campaigning(elector.clone(), sender));
+        let task = tokio::spawn(keep_campaigning(elector.clone(), sender, fence));
         Ok(Campaign {
             elector,
             state,
@@ -121,24 +131,43 @@ impl Campaign {
     }
 }
 
-async fn keep_campaigning(mut elector: Elector, sender: watch::Sender<Leadership>) {
+async fn keep_campaigning(mut elector: Elector, sender: watch::Sender<Leadership>, fence: Fence) {
     let retry = elector.settings.retry_period();
     let deadline = elector.settings.renew_deadline();
     let mut last_renewal = (*sender.borrow() == Leadership::Leader).then(Instant::now);
+    let lose = |sender: &watch::Sender<Leadership>| {
+        fence.close();
+        sender.send_replace(Leadership::Lost);
+    };
     loop {
         tokio::time::sleep(retry).await;
         let leading = *sender.borrow() == Leadership::Leader;
-        match elector.try_acquire_or_renew().await {
+        let asked = Instant::now();
+        // A renewal may take only the time left before the deadline: a hung API server must
+        // not keep this replica waiting past the point another may take over.
+        let budget = match last_renewal {
+            Some(at) if leading => deadline.saturating_sub(at.elapsed()).max(retry),
+            _ => deadline,
+        };
+        let attempt = match tokio::time::timeout(budget, elector.try_acquire_or_renew()).await {
+            Ok(attempt) => attempt,
+            Err(_) => Err(kube::Error::Service(
+                format!("no answer within {}s", budget.as_secs()).into(),
+            )),
+        };
+        match attempt {
             Ok(true) => {
                 if !leading {
                     tracing::info!(identity = %elector.settings.identity, "became the leader");
                     sender.send_replace(Leadership::Leader);
                 }
-                last_renewal = Some(Instant::now());
+                // Counted from before the request: the lease was renewed no earlier than that.
+                fence.open_until(asked + deadline);
+                last_renewal = Some(asked);
             }
             Ok(false) if leading => {
                 tracing::error!("another replica holds the leader lease now");
-                sender.send_replace(Leadership::Lost);
+                lose(&sender);
                 return;
             }
             Ok(false) => {}
@@ -147,7 +176,7 @@ async fn keep_campaigning(mut elector: Elector, sender: watch::Sender<Leadership
                 // before that, rather than risk two writers.
                 if leading && last_renewal.is_none_or(|at| at.elapsed() >= deadline) {
                     tracing::error!(error = %e, "cannot renew the leader lease");
-                    sender.send_replace(Leadership::Lost);
+                    lose(&sender);
                     return;
                 }
                 tracing::warn!(error = %e, "cannot reach the leader lease; retrying");

@@ -13,7 +13,7 @@ use super::controller;
 use super::http::{self, ServerState};
 use super::leader::{Campaign, LeaderError, Leadership, LeaseSettings};
 use super::metrics::Metrics;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Fence};
 use crate::source::AmbientCredentials;
 
 /// How long a stopping operator lets the reconciles in flight finish. A cut one is safe: the
@@ -59,11 +59,20 @@ pub async fn run(cluster: Cluster, options: OperatorOptions) -> Result<(), RunEr
         on_signal.send_replace(true);
     });
 
+    let heartbeat = Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
+    let beat = heartbeat.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            *beat.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+        }
+    });
     let state = Arc::new(ServerState {
         metrics: metrics.clone(),
         ready: ready.clone(),
         webhook_secret: options.webhook_secret,
         webhook_slots: tokio::sync::Semaphore::new(http::WEBHOOK_CONCURRENCY),
+        heartbeat: heartbeat.clone(),
         client: cluster.client().clone(),
         watch_namespace: options.watch_namespace.clone(),
     });
@@ -72,6 +81,12 @@ pub async fn run(cluster: Cluster, options: OperatorOptions) -> Result<(), RunEr
     let server = tokio::spawn(async move { server.await });
     ready.store(true, Ordering::Relaxed);
 
+    // With a lease, every write of a sync goes out only while this replica surely holds it.
+    let fence = options.lease.as_ref().map(|_| Fence::closed());
+    let cluster = match &fence {
+        Some(fence) => cluster.fenced(fence.clone()),
+        None => cluster,
+    };
     let context = Arc::new(controller::Context {
         cluster,
         cache_dir: options.cache_dir,
@@ -90,6 +105,7 @@ pub async fn run(cluster: Cluster, options: OperatorOptions) -> Result<(), RunEr
                 context,
                 options.watch_namespace,
                 settings,
+                fence.unwrap_or_else(Fence::closed),
                 stop.clone(),
                 &metrics,
             )
@@ -110,10 +126,12 @@ async fn lead(
     context: Arc<controller::Context>,
     watch_namespace: Option<String>,
     settings: LeaseSettings,
+    fence: Fence,
     stop: watch::Receiver<bool>,
     metrics: &Metrics,
 ) -> Result<(), RunError> {
-    let campaign = Campaign::start(context.cluster.client().clone(), settings.clone()).await?;
+    let campaign =
+        Campaign::start(context.cluster.client().clone(), settings.clone(), fence).await?;
     tracing::info!(lease = %settings.name, namespace = %settings.namespace, identity = %settings.identity, "waiting to become the leader");
     let mut leadership = campaign.watch();
     tokio::select! {
