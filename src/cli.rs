@@ -741,7 +741,7 @@ impl ProgressView {
             _ => "…",
         };
         bar.set_message(format!("{mark} {line}"));
-        if object.health == Health::Healthy {
+        if object.health.settled() {
             bar.finish();
         }
     }
