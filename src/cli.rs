@@ -280,6 +280,14 @@ pub struct SourceArgs {
     /// Folder in the repository holding the manifests (default: the whole repository)
     #[arg(long, default_value = "", value_name = "DIR")]
     pub path: String,
+    /// Read only files matching this pattern (gitignore syntax, from the repository root;
+    /// repeatable). Dot files and folders, and what .kommitignore names, are never read
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Do not read files matching this pattern (gitignore syntax, from the repository root;
+    /// repeatable)
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
     /// Namespace for objects that name none (default: the kubeconfig's, else "default")
     #[arg(long, short, value_name = "NS")]
     pub namespace: Option<String>,
@@ -796,6 +804,10 @@ async fn open(
         path: args.path.clone(),
         namespace: args.namespace.clone(),
         inventory: None,
+        select: crate::select::Selection {
+            include: args.include.clone(),
+            exclude: args.exclude.clone(),
+        },
     };
     Ok((git, cluster, target))
 }
