@@ -353,7 +353,9 @@ fn own_namespace() -> Option<String> {
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        // Without -v only kommit speaks: its errors are reported as such, and a library's raw
+        // log lines (`ERROR kube_client…`) would only repeat them less clearly.
+        0 => "kommit=warn",
         1 => "kommit=info,warn",
         _ => "kommit=debug,info",
     };
