@@ -649,7 +649,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let prepared = reconcile::prepare(&git, &cluster, &target, &policy).await?;
             let health = reconcile::health(&cluster, &prepared).await?;
             let record = reconcile::load_record(&git, &cluster, &target, &prepared.plan).await?;
-            print_status(&prepared.plan, &health, &record, output, color)?;
+            let looked_in = record_namespace_words(&target, &prepared.plan, &cluster);
+            print_status(&prepared.plan, &health, &record, &looked_in, output, color)?;
             Ok(exit::OK)
         }
     }
@@ -1043,10 +1044,31 @@ fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     text
 }
 
+/// Where `status` read the source's record, and why there, in the words of the rule
+/// `reconcile::load_record` follows (so that a user without -n is never left guessing).
+fn record_namespace_words(target: &Target, plan: &Plan, cluster: &Cluster) -> String {
+    if let Some(ns) = &target.namespace {
+        return format!("{ns} (--namespace)");
+    }
+    match plan
+        .changes
+        .iter()
+        .filter(|c| c.action != Action::Prune)
+        .find_map(|c| c.key.namespace.as_deref())
+    {
+        Some(ns) => format!("{ns} (where the source's objects are; -n to choose)"),
+        None => format!(
+            "{} (the kubeconfig's; the source has no namespaced objects; -n to choose)",
+            cluster.default_namespace()
+        ),
+    }
+}
+
 fn print_status(
     plan: &Plan,
     health: &[ObjectHealth],
     record: &crate::audit::Record,
+    looked_in: &str,
     output: Output,
     color: bool,
 ) -> anyhow::Result<()> {
@@ -1123,6 +1145,7 @@ fn print_status(
         ),
     };
     text.push_str(&format!("Live:       {live}\n"));
+    text.push_str(&format!("Record in:  {looked_in}\n"));
     if let Some(last) = &record.last_healthy {
         text.push_str(&format!("Healthy at: {}\n", short(last)));
     }

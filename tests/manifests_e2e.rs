@@ -360,3 +360,70 @@ fn an_object_named_with_colons_gets_its_events() {
     ]);
     assert!(events.contains(&format!("{name} Synced")), "{events}");
 }
+
+#[test]
+fn a_crd_is_waited_for_until_established_and_its_resources_until_ready() {
+    let ns = TestNamespace::new("ready");
+    let group = format!("{}.example.com", ns.name);
+    let crd = format!(
+        "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.{group}
+spec:
+  group: {group}
+  scope: Namespaced
+  names: {{plural: widgets, singular: widget, kind: Widget, listKind: WidgetList}}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        x-kubernetes-preserve-unknown-fields: true
+"
+    );
+    // No status subresource: the status written in git is what the cluster holds, as a
+    // controller would have written it.
+    let widget = |ready: &str| {
+        format!(
+            "apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: w\nspec: {{size: 1}}\nstatus:\n  conditions:\n  - type: Ready\n    status: '{ready}'\n    reason: Provisioning\n    message: waiting for capacity\n"
+        )
+    };
+    let repo = GitRepo::new();
+    repo.write("crd.yaml", &crd);
+    repo.commit("the Widget kind");
+    let run = sync(&repo, &ns.name, &["--output", "json"]);
+    let _cleanup = CrdCleanup(format!("widgets.{group}"));
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("established"), "{run:?}");
+
+    repo.write("widget.yaml", &widget("False"));
+    repo.commit("a widget still provisioning");
+    let run = kommit(&[
+        "sync",
+        "--repo",
+        repo.path_str(),
+        "-n",
+        &ns.name,
+        "--timeout",
+        "6s",
+    ]);
+    assert_ne!(run.code, 0, "Ready=False is not healthy: {run:?}");
+    assert!(run.all().contains("Provisioning"), "{run:?}");
+
+    repo.write("widget.yaml", &widget("True"));
+    repo.commit("the widget is ready");
+    let run = sync(&repo, &ns.name, &["--retry"]);
+    assert_eq!(run.code, 0, "{run:?}");
+}
+
+/// Deletes a test's cluster-scoped CRD when the test ends, passed or not.
+struct CrdCleanup(String);
+
+impl Drop for CrdCleanup {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "crd", &self.0, "--wait=false"]);
+    }
+}
