@@ -427,3 +427,37 @@ impl Drop for CrdCleanup {
         let _ = kubectl(&["delete", "crd", &self.0, "--wait=false"]);
     }
 }
+
+#[test]
+fn a_gitsync_reads_only_what_its_include_and_exclude_name() {
+    install_gitsync_crd();
+    let ns = TestNamespace::new("gitsync-select");
+    let repo = GitRepo::new();
+    repo.write(".github/workflows/ci.yml", "name: ci\non: [push]\n");
+    repo.write(
+        "deploy/app.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app\n",
+    );
+    repo.write(
+        "deploy/legacy/old.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: old\n",
+    );
+    repo.write("docs/notes.yaml", "title: not a manifest\n");
+    let v1 = repo.commit("an app, a legacy folder and notes");
+    let _operator =
+        OperatorProcess::start(&["--watch-namespace", &ns.name, "--allow-local-repos"], &[]);
+    kubectl_apply(
+        &ns.name,
+        &format!(
+            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: shop}}\nspec:\n  repo: file://{}\n  interval: 2s\n  include: [deploy/]\n  exclude: [deploy/legacy/]\n",
+            repo.path_str()
+        ),
+        &[],
+    );
+    let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
+    wait_until(Duration::from_secs(90), "the commit is applied", || {
+        status("{.status.lastAppliedCommit}") == v1
+    });
+    assert!(exists(&ns.name, "configmap/app"));
+    assert!(!exists(&ns.name, "configmap/old"), "excluded");
+}
