@@ -438,8 +438,8 @@ fn into_manifests(
         };
         // Items of a typed list (`ConfigMapList`) may leave out their apiVersion and kind.
         let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
-        let lines = item_lines(text, first_line);
-        let lines = (lines.len() == items.len()).then_some(lines);
+        let texts = list_items(text, first_line);
+        let texts = (texts.len() == items.len()).then_some(texts);
         return items
             .into_iter()
             .enumerate()
@@ -450,9 +450,20 @@ fn into_manifests(
                     map.entry("kind")
                         .or_insert_with(|| Value::String(item_kind.to_string()));
                 }
+                let Some(item_text) = texts.as_ref().map(|t| &t[index]) else {
+                    return into_manifest(item, origin);
+                };
                 let origin = Origin {
-                    line: lines.as_ref().map_or(origin.line, |l| l[index]),
+                    line: item_text.line,
                     ..origin.clone()
+                };
+                // Items of built-in kinds keep the strings their author wrote, as documents do.
+                let item_api = item.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+                let item_kind = item.get("kind").and_then(Value::as_str).unwrap_or("");
+                let item = match typed_reading(item_api, item_kind, &item_text.text) {
+                    None => item,
+                    Some(Ok(typed)) => overlay_typed_strings(item, &typed),
+                    Some(Err(e)) => return Err(yaml_error(&origin.file, origin.line, &e)),
                 };
                 into_manifest(item, &origin)
             })
@@ -461,13 +472,23 @@ fn into_manifests(
     vec![into_manifest(value, origin)]
 }
 
-/// The line of each item of a block-style top-level `items:` sequence; empty when the items are
-/// written another way (flow style, JSON), where the document's line is the best there is.
-fn item_lines(text: &str, first_line: usize) -> Vec<usize> {
-    let mut lines = Vec::new();
+/// One item of a block-style list: the file line it starts on and its text, made a document of
+/// its own (the `- ` and the indentation taken away).
+struct ItemText {
+    line: usize,
+    text: String,
+}
+
+/// The items of a block-style top-level `items:` sequence; empty when the items are written
+/// another way (flow style, JSON), where the document's line is the best there is.
+fn list_items(text: &str, first_line: usize) -> Vec<ItemText> {
+    let lines: Vec<&str> = text.lines().collect();
+    // (index of the item's first line, column of its content)
+    let mut starts: Vec<(usize, usize)> = Vec::new();
+    let mut end = lines.len();
     let mut in_items = false;
     let mut indent: Option<usize> = None;
-    for (index, line) in text.lines().enumerate() {
+    for (index, line) in lines.iter().enumerate() {
         let trimmed = line.trim_start();
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
@@ -484,14 +505,43 @@ fn item_lines(text: &str, first_line: usize) -> Vec<usize> {
         match indent {
             None if is_item => indent = Some(here),
             None => return Vec::new(),
-            Some(i) if here < i || (here == i && !is_item) => break,
+            Some(i) if here < i || (here == i && !is_item) => {
+                end = index;
+                break;
+            }
             Some(_) => {}
         }
         if is_item && Some(here) == indent {
-            lines.push(first_line + index);
+            let after_dash = &trimmed[1..];
+            let content = here + 1 + (after_dash.len() - after_dash.trim_start().len());
+            starts.push((index, content));
         }
     }
-    lines
+    starts
+        .iter()
+        .enumerate()
+        .map(|(n, &(start, column))| {
+            let stop = starts.get(n + 1).map_or(end, |next| next.0);
+            let text = lines[start..stop]
+                .iter()
+                .enumerate()
+                .map(|(i, line)| {
+                    let line = if i == 0 {
+                        line.replacen('-', " ", 1)
+                    } else {
+                        line.to_string()
+                    };
+                    let indent = line.len() - line.trim_start().len();
+                    line[indent.min(column)..].to_string()
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            ItemText {
+                line: first_line + start,
+                text,
+            }
+        })
+        .collect()
 }
 
 /// A Secret's `stringData` is write-only input the server merges into `data` (over `data`'s own
@@ -828,6 +878,23 @@ mod tests {
             "the broken item is named by its own line"
         );
         assert!(errors[0].message.contains("no metadata.name"), "{errors:?}");
+    }
+
+    #[test]
+    fn list_items_of_built_in_kinds_keep_the_strings_their_author_wrote() {
+        let (manifests, errors) = parse(
+            "apiVersion: v1\nkind: ConfigMapList\nitems:\n  -   metadata:\n        name: flags\n      data:\n        enabled: yes\n        mode: 0644\n  - apiVersion: example.com/v1\n    kind: Widget\n    metadata: {name: w}\n    spec: {on: yes}\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(manifests[0].object["data"]["enabled"], "yes");
+        assert_eq!(manifests[0].object["data"]["mode"], "0644");
+        assert_eq!(manifests[1].object["spec"]["on"], true);
+        // A type error in an item names the item's line.
+        let (_, errors) = parse(
+            "apiVersion: apps/v1\nkind: DeploymentList\nitems:\n- metadata: {name: a}\n  spec: {replicas: 1}\n- metadata: {name: b}\n  spec: {replicas: three}\n",
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].line >= 6, "{errors:?}");
     }
 
     #[test]
