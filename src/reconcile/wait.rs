@@ -351,7 +351,12 @@ async fn evaluate(
                         "StatefulSet" => rollout::statefulset_health(&live, &pods),
                         "DaemonSet" => rollout::daemonset_health(&live, &pods),
                         "ReplicaSet" => rollout::replicaset_health(&live, &pods),
-                        _ => rollout::job_health(&live, &pods),
+                        "Job" => rollout::job_health(&live, &pods),
+                        // Deployments and Pods are judged from the watch caches above.
+                        _ => (
+                            rollout::generic_health(&key.group, &key.kind, Some(&live)),
+                            Vec::new(),
+                        ),
                     };
                     if key.is_kind("batch", "Job") {
                         memory.jobs.insert(key.clone(), live);
