@@ -461,3 +461,58 @@ fn a_gitsync_reads_only_what_its_include_and_exclude_name() {
     assert!(exists(&ns.name, "configmap/app"));
     assert!(!exists(&ns.name, "configmap/old"), "excluded");
 }
+
+#[test]
+fn a_replica_set_a_cron_job_and_an_ingress_are_judged_by_their_own_rules() {
+    let ns = TestNamespace::new("other-kinds");
+    let repo = GitRepo::new();
+    repo.write(
+        "rs.yaml",
+        "apiVersion: apps/v1\nkind: ReplicaSet\nmetadata:\n  name: worker\nspec:\n  replicas: 2\n  selector:\n    matchLabels: {app: worker}\n  template:\n    metadata:\n      labels: {app: worker}\n    spec:\n      containers:\n      - name: worker\n        image: worker:v1\n",
+    );
+    repo.write(
+        "cron.yaml",
+        "apiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: report\nspec:\n  schedule: '0 3 * * *'\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n          - name: report\n            image: report:v1\n",
+    );
+    repo.write(
+        "ingress.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: web\nspec:\n  defaultBackend:\n    service: {name: web, port: {number: 80}}\n",
+    );
+    repo.commit("a worker, a nightly report and an ingress");
+    let run = sync(&repo, &ns.name, &["--output", "json"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    // Healthy means both replicas are ready, not merely that the ReplicaSet exists.
+    assert_eq!(
+        jsonpath(&ns.name, "rs/worker", "{.status.readyReplicas}"),
+        "2"
+    );
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+    let health = |kind: &str| {
+        report
+            .pointer("/rollout/objects")
+            .and_then(|o| o.as_array())
+            .and_then(|o| o.iter().find(|h| h["kind"] == kind))
+            .map(|h| h["health"].as_str().unwrap_or("").to_string())
+            .unwrap_or_else(|| panic!("no {kind} in {report:#}"))
+    };
+    assert_eq!(health("ReplicaSet"), "Healthy");
+    assert_eq!(health("CronJob"), "Healthy");
+    assert_eq!(
+        health("Ingress"),
+        "Waiting",
+        "no ingress controller gives it an address"
+    );
+
+    // A ReplicaSet whose pods cannot pull their image fails by --fail-after.
+    repo.write(
+        "rs.yaml",
+        "apiVersion: apps/v1\nkind: ReplicaSet\nmetadata:\n  name: broken\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {app: broken}\n  template:\n    metadata:\n      labels: {app: broken}\n    spec:\n      containers:\n      - name: broken\n        image: worker:missing-1\n",
+    );
+    repo.commit("a worker that cannot be pulled");
+    let run = sync(&repo, &ns.name, &[]);
+    assert_ne!(run.code, 0, "{run:?}");
+    assert!(
+        run.all().contains("ImagePullBackOff") || run.all().contains("ErrImagePull"),
+        "{run:?}"
+    );
+}
