@@ -337,7 +337,7 @@ pub struct Events {
 }
 
 /// Who reports the events.
-const REPORTING_CONTROLLER: &str = "kommit.dev/kommit";
+const REPORTING_CONTROLLER: &str = "kommit";
 
 impl Events {
     pub fn new(cluster: &Cluster) -> Self {
