@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{Cluster, ClusterError};
@@ -331,20 +330,21 @@ impl RecordStore {
     }
 }
 
-/// Publishes Kubernetes Events on the objects a sync concerns.
+/// Publishes Kubernetes Events (`events.k8s.io/v1`) on the objects a sync concerns.
 #[derive(Clone)]
 pub struct Events {
-    recorder: Recorder,
+    client: kube::Client,
+    instance: String,
 }
+
+/// Who reports the events.
+const REPORTING_CONTROLLER: &str = "kommit";
 
 impl Events {
     pub fn new(cluster: &Cluster) -> Self {
-        let reporter = Reporter {
-            controller: "kommit".into(),
-            instance: cluster.instance().map(str::to_string),
-        };
         Events {
-            recorder: Recorder::new(cluster.client().clone(), reporter),
+            client: cluster.client().clone(),
+            instance: cluster.instance().unwrap_or("kommit").to_string(),
         }
     }
 
@@ -357,7 +357,10 @@ impl Events {
         reason: &str,
         note: String,
     ) {
-        let reference = ObjectReference {
+        use k8s_openapi::api::events::v1::Event;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+
+        let regarding = ObjectReference {
             api_version: Some(api_version.to_string()),
             kind: Some(key.kind.clone()),
             name: Some(key.name.clone()),
@@ -373,21 +376,57 @@ impl Events {
             }
             note.truncate(cut);
         }
+        let now = k8s_openapi::jiff::Timestamp::now();
+        // Cluster-scoped objects get their events in `default`, as kubectl and kube do.
+        let namespace = key.namespace.clone().unwrap_or_else(|| "default".into());
         let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
+            metadata: ObjectMeta {
+                name: Some(event_name(&key.name, now.as_nanosecond())),
+                namespace: Some(namespace.clone()),
+                ..ObjectMeta::default()
             },
-            reason: reason.to_string(),
+            event_time: Some(MicroTime(now)),
+            type_: Some(if warning { "Warning" } else { "Normal" }.to_string()),
+            reason: Some(reason.to_string()),
+            action: Some("Sync".to_string()),
             note: Some(note),
-            action: "Sync".to_string(),
-            secondary: None,
+            regarding: Some(regarding),
+            reporting_controller: Some(REPORTING_CONTROLLER.to_string()),
+            reporting_instance: Some(self.instance.clone()),
+            ..Event::default()
         };
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
+        if let Err(e) = api.create(&kube::api::PostParams::default(), &event).await {
             tracing::warn!(object = %key, error = %e, "could not publish an event");
         }
     }
+}
+
+/// An Event's name is a DNS subdomain, unlike many object names (`system:aggregated-metrics-reader`,
+/// `lb-system:controller`): the object's name made into one, then a unique suffix.
+pub fn event_name(object: &str, nanos: i128) -> String {
+    let suffix = format!(".{nanos:x}");
+    let mut base: String = object
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '.' | '-') => c,
+            _ => '-',
+        })
+        .collect();
+    base.truncate(253 - suffix.len());
+    // Each dot-separated label must start and end with a letter or digit.
+    let base = base
+        .split('.')
+        .map(|label| label.trim_matches('-'))
+        .filter(|label| !label.is_empty())
+        .collect::<Vec<_>>()
+        .join(".");
+    let base = if base.is_empty() {
+        "object".to_string()
+    } else {
+        base
+    };
+    format!("{base}{suffix}")
 }
 
 #[cfg(test)]
@@ -541,5 +580,37 @@ mod tests {
         record.pinned = None;
         record.push(entry(&hex_commit(7), Outcome::Healthy, None, None));
         assert_eq!(record.check(), Ok(()));
+    }
+
+    #[test]
+    fn event_names_are_dns_subdomains_whatever_the_object_is_called() {
+        let valid = |name: &str| {
+            name.len() <= 253
+                && name.split('.').all(|label| {
+                    !label.is_empty()
+                        && label
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                })
+        };
+        for object in [
+            "system:aggregated-metrics-reader",
+            "lb-system:controller",
+            "web",
+            ":leading",
+            "Upper.Case_",
+            "::",
+            &"x:".repeat(200),
+        ] {
+            let name = event_name(object, 0x18a2b3c4d5e6f708);
+            assert!(valid(&name), "{object} gave {name}");
+        }
+        assert_eq!(
+            event_name("system:aggregated-metrics-reader", 255),
+            "system-aggregated-metrics-reader.ff"
+        );
+        assert_eq!(event_name("web", 255), "web.ff");
     }
 }

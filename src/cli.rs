@@ -280,6 +280,14 @@ pub struct SourceArgs {
     /// Folder in the repository holding the manifests (default: the whole repository)
     #[arg(long, default_value = "", value_name = "DIR")]
     pub path: String,
+    /// Read only files matching this pattern (gitignore syntax, from the repository root;
+    /// repeatable). Dot files and folders, and what .kommitignore names, are never read
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Do not read files matching this pattern (gitignore syntax, from the repository root;
+    /// repeatable)
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
     /// Namespace for objects that name none (default: the kubeconfig's, else "default")
     #[arg(long, short, value_name = "NS")]
     pub namespace: Option<String>,
@@ -345,7 +353,9 @@ fn own_namespace() -> Option<String> {
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        // Without -v only kommit speaks: its errors are reported as such, and a library's raw
+        // log lines (`ERROR kube_client…`) would only repeat them less clearly.
+        0 => "kommit=warn",
         1 => "kommit=info,warn",
         _ => "kommit=debug,info",
     };
@@ -639,7 +649,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let prepared = reconcile::prepare(&git, &cluster, &target, &policy).await?;
             let health = reconcile::health(&cluster, &prepared).await?;
             let record = reconcile::load_record(&git, &cluster, &target, &prepared.plan).await?;
-            print_status(&prepared.plan, &health, &record, output, color)?;
+            let looked_in = record_namespace_words(&target, &prepared.plan, &cluster);
+            print_status(&prepared.plan, &health, &record, &looked_in, output, color)?;
             Ok(exit::OK)
         }
     }
@@ -741,7 +752,7 @@ impl ProgressView {
             _ => "…",
         };
         bar.set_message(format!("{mark} {line}"));
-        if object.health == Health::Healthy {
+        if object.health.settled() {
             bar.finish();
         }
     }
@@ -796,6 +807,10 @@ async fn open(
         path: args.path.clone(),
         namespace: args.namespace.clone(),
         inventory: None,
+        select: crate::select::Selection {
+            include: args.include.clone(),
+            exclude: args.exclude.clone(),
+        },
     };
     Ok((git, cluster, target))
 }
@@ -1029,10 +1044,31 @@ fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     text
 }
 
+/// Where `status` read the source's record, and why there, in the words of the rule
+/// `reconcile::load_record` follows (so that a user without -n is never left guessing).
+fn record_namespace_words(target: &Target, plan: &Plan, cluster: &Cluster) -> String {
+    if let Some(ns) = &target.namespace {
+        return format!("{ns} (--namespace)");
+    }
+    match plan
+        .changes
+        .iter()
+        .filter(|c| c.action != Action::Prune)
+        .find_map(|c| c.key.namespace.as_deref())
+    {
+        Some(ns) => format!("{ns} (where the source's objects are; -n to choose)"),
+        None => format!(
+            "{} (the kubeconfig's; the source has no namespaced objects; -n to choose)",
+            cluster.default_namespace()
+        ),
+    }
+}
+
 fn print_status(
     plan: &Plan,
     health: &[ObjectHealth],
     record: &crate::audit::Record,
+    looked_in: &str,
     output: Output,
     color: bool,
 ) -> anyhow::Result<()> {
@@ -1109,6 +1145,7 @@ fn print_status(
         ),
     };
     text.push_str(&format!("Live:       {live}\n"));
+    text.push_str(&format!("Record in:  {looked_in}\n"));
     if let Some(last) = &record.last_healthy {
         text.push_str(&format!("Healthy at: {}\n", short(last)));
     }

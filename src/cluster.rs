@@ -907,6 +907,7 @@ fn classify_status(status: Status, object: &str, action: &'static str) -> Cluste
 
 /// Adds what to do to the server's words where we know a common cause.
 fn explain_rejection(message: &str) -> String {
+    let message = &without_value_dumps(message);
     if message.contains("\"boolean\"") && message.contains("string") {
         format!(
             "{message} (a YAML 1.1 boolean such as yes, on or N landed in a string field; quote it, \
@@ -917,6 +918,58 @@ fn explain_rejection(message: &str) -> String {
     } else {
         message.to_string()
     }
+}
+
+/// The server quotes the whole rejected value (`spec.template: Invalid value:
+/// {"labels":…,"Spec":{…}}: field is immutable`: kilobytes of a pod template before the words
+/// that matter); a value longer than a line is left out, short ones stay.
+fn without_value_dumps(message: &str) -> String {
+    const MARKER: &str = "Invalid value: ";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(MARKER) {
+        let value = &rest[at + MARKER.len()..];
+        let Some(end) = dump_end(value).filter(|end| *end > 80) else {
+            out.push_str(&rest[..at + MARKER.len()]);
+            rest = value;
+            continue;
+        };
+        out.push_str(&rest[..at]);
+        rest = value[end..].strip_prefix(": ").unwrap_or(&value[end..]);
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where a quoted composite value (JSON, or a Go struct literal `pkg.Type{…}`) ends.
+fn dump_end(value: &str) -> Option<usize> {
+    let open = value.find('{')?;
+    let prefix = &value[..open];
+    if !prefix
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '*' || c == '&')
+    {
+        return None;
+    }
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for (i, c) in value.char_indices().skip_while(|(i, _)| *i < open) {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if in_string => escaped = true,
+            '"' => in_string = !in_string,
+            '{' if !in_string => depth += 1,
+            '}' if !in_string => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
@@ -1114,5 +1167,30 @@ mod tests {
             "spec.mode: Invalid value: \"boolean\": spec.mode in body must be of type string",
         );
         assert!(text.contains("quote it"), "{text}");
+    }
+
+    #[test]
+    fn a_rejected_values_dump_is_left_out_of_the_message() {
+        let template = format!(
+            "{{\"labels\":{{\"job-name\":\"migrate\"}},\"Spec\":{{\"Containers\":[{{\"Name\":\"m\",\"Image\":\"m:v2\",\"Command\":\"{}\"}}]}}}}",
+            "x}".repeat(40)
+        );
+        let message = format!(
+            "Job.batch \"migrate\" is invalid: spec.template: Invalid value: {template}: field is immutable"
+        );
+        assert_eq!(
+            without_value_dumps(&message),
+            "Job.batch \"migrate\" is invalid: spec.template: field is immutable"
+        );
+        let go = format!(
+            "spec.selector: Invalid value: v1.LabelSelector{{MatchLabels:map[string]string{{\"app\":\"{}\"}}}}: field is immutable",
+            "w".repeat(90)
+        );
+        assert_eq!(
+            without_value_dumps(&go),
+            "spec.selector: field is immutable"
+        );
+        let short = "spec.replicas: Invalid value: -1: must be greater than or equal to 0";
+        assert_eq!(without_value_dumps(short), short);
     }
 }

@@ -16,4 +16,5 @@ pub mod operator;
 pub mod plan;
 pub mod reconcile;
 pub mod rollout;
+pub mod select;
 pub mod source;

@@ -1,8 +1,11 @@
-//! Manifests: multi-document YAML read the way Kubernetes means it, into objects that remember
-//! where they came from (file, document, line).
+//! Manifests: multi-document YAML (or a stream of JSON objects) read the way Kubernetes means
+//! it, into objects that remember where they came from (file, document, line). Lists of any kind
+//! are expanded, each item with its own line; a Secret's `stringData` is read as the `data` it
+//! becomes on the server, so a key removed from it is removed live too.
 
 use std::fmt;
 
+use base64::Engine as _;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -123,6 +126,22 @@ pub fn parse_file(path: &str, content: &[u8]) -> (Vec<Manifest>, Vec<ManifestErr
             return (manifests, errors);
         }
     };
+    if let Some(values) = json_stream(text) {
+        for (index, (line, value)) in values.into_iter().enumerate() {
+            let origin = Origin {
+                file: path.to_string(),
+                document: index,
+                line,
+            };
+            for found in into_manifests(value, &origin, "", line) {
+                match found {
+                    Ok(manifest) => manifests.push(manifest),
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        return (manifests, errors);
+    }
     for (index, chunk) in split_documents(text).into_iter().enumerate() {
         let Some(content_line) = chunk.content_line else {
             continue;
@@ -134,14 +153,41 @@ pub fn parse_file(path: &str, content: &[u8]) -> (Vec<Manifest>, Vec<ManifestErr
         };
         match parse_document(chunk.text, chunk.first_line, &origin) {
             Ok(None) => {}
-            Ok(Some(value)) => match into_manifests(value, &origin) {
-                Ok(mut found) => manifests.append(&mut found),
-                Err(e) => errors.push(e),
-            },
+            Ok(Some(value)) => {
+                for found in into_manifests(value, &origin, chunk.text, chunk.first_line) {
+                    match found {
+                        Ok(manifest) => manifests.push(manifest),
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
             Err(e) => errors.push(e),
         }
     }
     (manifests, errors)
+}
+
+/// A stream of two or more concatenated JSON objects (`{…}{…}` or one per line), as kubectl
+/// takes it, with the line each starts on. `None` for anything else: one JSON object is YAML too,
+/// and YAML's reading gives the better error for a broken one.
+fn json_stream(text: &str) -> Option<Vec<(usize, Value)>> {
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+    let mut values = Vec::new();
+    let mut start = 0;
+    while let Some(next) = stream.next() {
+        let value = next.ok()?;
+        if !value.is_object() {
+            return None;
+        }
+        let skipped = text[start..].len() - text[start..].trim_start().len();
+        let line = 1 + text[..start + skipped].matches('\n').count();
+        values.push((line, value));
+        start = stream.byte_offset();
+    }
+    (values.len() >= 2).then_some(values)
 }
 
 struct Chunk<'a> {
@@ -356,37 +402,201 @@ fn overlay_typed_strings(dynamic: Value, typed: &Value) -> Value {
     }
 }
 
-fn into_manifests(value: Value, origin: &Origin) -> Result<Vec<Manifest>, ManifestError> {
+/// Whether a document is a list of objects: `kind: List`, or any `…List` with `items`, as kubectl
+/// takes them.
+fn is_list(kind: &str, value: &Value) -> bool {
+    kind == "List"
+        || (kind.len() > 4
+            && kind.ends_with("List")
+            && value.get("items").is_some()
+            && value.pointer("/metadata/name").is_none())
+}
+
+/// Every object of one document; each item of a list stands or falls on its own.
+fn into_manifests(
+    value: Value,
+    origin: &Origin,
+    text: &str,
+    first_line: usize,
+) -> Vec<Result<Manifest, ManifestError>> {
     let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
     let api_version = value
         .get("apiVersion")
         .and_then(Value::as_str)
         .unwrap_or("");
-    if api_version == "v1" && kind == "List" {
+    if is_list(kind, &value) {
         let items = match value.get("items") {
             Some(Value::Array(items)) => items.clone(),
             Some(Value::Null) | None => Vec::new(),
             Some(_) => {
-                return Err(ManifestError::new(
+                return vec![Err(ManifestError::new(
                     &origin.file,
                     origin.line,
-                    "a List's items must be a sequence of objects",
-                ));
+                    format!("a {kind}'s items must be a sequence of objects"),
+                ))];
             }
         };
+        // Items of a typed list (`ConfigMapList`) may leave out their apiVersion and kind.
+        let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
+        let texts = list_items(text, first_line);
+        let texts = (texts.len() == items.len()).then_some(texts);
         return items
             .into_iter()
-            .map(|item| into_manifest(item, origin))
+            .enumerate()
+            .map(|(index, mut item)| {
+                if let (Some(item_kind), Value::Object(map)) = (item_kind, &mut item) {
+                    map.entry("apiVersion")
+                        .or_insert_with(|| Value::String(api_version.to_string()));
+                    map.entry("kind")
+                        .or_insert_with(|| Value::String(item_kind.to_string()));
+                }
+                let Some(item_text) = texts.as_ref().map(|t| &t[index]) else {
+                    return into_manifest(item, origin);
+                };
+                let origin = Origin {
+                    line: item_text.line,
+                    ..origin.clone()
+                };
+                // Items of built-in kinds keep the strings their author wrote, as documents do.
+                let item_api = item.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+                let item_kind = item.get("kind").and_then(Value::as_str).unwrap_or("");
+                let item = match typed_reading(item_api, item_kind, &item_text.text) {
+                    None => item,
+                    Some(Ok(typed)) => overlay_typed_strings(item, &typed),
+                    Some(Err(e)) => return Err(yaml_error(&origin.file, origin.line, &e)),
+                };
+                into_manifest(item, &origin)
+            })
             .collect();
     }
-    Ok(vec![into_manifest(value, origin)?])
+    vec![into_manifest(value, origin)]
 }
 
-fn into_manifest(value: Value, origin: &Origin) -> Result<Manifest, ManifestError> {
+/// One item of a block-style list: the file line it starts on and its text, made a document of
+/// its own (the `- ` and the indentation taken away).
+struct ItemText {
+    line: usize,
+    text: String,
+}
+
+/// The items of a block-style top-level `items:` sequence; empty when the items are written
+/// another way (flow style, JSON), where the document's line is the best there is.
+fn list_items(text: &str, first_line: usize) -> Vec<ItemText> {
+    let lines: Vec<&str> = text.lines().collect();
+    // (index of the item's first line, column of its content)
+    let mut starts: Vec<(usize, usize)> = Vec::new();
+    let mut end = lines.len();
+    let mut in_items = false;
+    let mut indent: Option<usize> = None;
+    for (index, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let here = line.len() - trimmed.len();
+        if !in_items {
+            let rest = line.strip_prefix("items:").map(str::trim);
+            if rest.is_some_and(|r| r.is_empty() || r.starts_with('#')) {
+                in_items = true;
+            }
+            continue;
+        }
+        let is_item = trimmed == "-" || trimmed.starts_with("- ");
+        match indent {
+            None if is_item => indent = Some(here),
+            None => return Vec::new(),
+            Some(i) if here < i || (here == i && !is_item) => {
+                end = index;
+                break;
+            }
+            Some(_) => {}
+        }
+        if is_item && Some(here) == indent {
+            let after_dash = &trimmed[1..];
+            let content = here + 1 + (after_dash.len() - after_dash.trim_start().len());
+            starts.push((index, content));
+        }
+    }
+    starts
+        .iter()
+        .enumerate()
+        .map(|(n, &(start, column))| {
+            let stop = starts.get(n + 1).map_or(end, |next| next.0);
+            let text = lines[start..stop]
+                .iter()
+                .enumerate()
+                .map(|(i, line)| {
+                    let line = if i == 0 {
+                        line.replacen('-', " ", 1)
+                    } else {
+                        line.to_string()
+                    };
+                    let indent = line.len() - line.trim_start().len();
+                    line[indent.min(column)..].to_string()
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            ItemText {
+                line: first_line + start,
+                text,
+            }
+        })
+        .collect()
+}
+
+/// A Secret's `stringData` is write-only input the server merges into `data` (over `data`'s own
+/// keys); compared and applied as written, a key removed from it would stay live for ever.
+fn string_data_as_data(
+    object: &mut Map<String, Value>,
+    err: impl Fn(String) -> ManifestError,
+) -> Result<(), ManifestError> {
+    let Some(string_data) = object.remove("stringData") else {
+        return Ok(());
+    };
+    let string_data = match string_data {
+        Value::Null => return Ok(()),
+        Value::Object(map) => map,
+        _ => {
+            return Err(err(
+                "the Secret's stringData must be a mapping of keys to strings".into(),
+            ));
+        }
+    };
+    let data = object
+        .entry("data")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if data.is_null() {
+        *data = Value::Object(Map::new());
+    }
+    let Value::Object(data) = data else {
+        return Err(err(
+            "the Secret's data must be a mapping of keys to base64 strings".into(),
+        ));
+    };
+    for (key, value) in string_data {
+        let Value::String(value) = value else {
+            // The key only, never the value: it is a secret.
+            return Err(err(format!(
+                "the Secret's stringData.{key} must be a string"
+            )));
+        };
+        let encoded = base64::engine::general_purpose::STANDARD.encode(value.as_bytes());
+        data.insert(key, Value::String(encoded));
+    }
+    Ok(())
+}
+
+fn into_manifest(mut value: Value, origin: &Origin) -> Result<Manifest, ManifestError> {
     let err = |message: String| ManifestError::new(&origin.file, origin.line, message);
-    let Value::Object(map) = &value else {
+    let Value::Object(map) = &mut value else {
         return Err(err("a manifest must be a mapping".to_string()));
     };
+    if map.get("apiVersion").and_then(Value::as_str) == Some("v1")
+        && map.get("kind").and_then(Value::as_str) == Some("Secret")
+    {
+        string_data_as_data(map, err)?;
+    }
+    let map = &*map;
     let field = |map: &Map<String, Value>, name: &str| -> Result<String, ManifestError> {
         match map.get(name) {
             Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
@@ -631,6 +841,93 @@ mod tests {
     fn invalid_utf8_is_refused_with_its_line() {
         let (_, errors) = parse_file("bad.yaml", b"apiVersion: v1\nkind: \xff\n");
         assert_eq!(errors[0].line, 2);
+    }
+
+    #[test]
+    fn every_kind_of_list_is_expanded_with_a_line_per_item() {
+        let (manifests, errors) = parse(
+            "apiVersion: v1\nkind: ConfigMapList\nitems:\n- metadata:\n    name: dashboards-a\n  data: {a.json: '{}'}\n# a comment\n- metadata:\n    name: dashboards-b\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let found: Vec<_> = manifests
+            .iter()
+            .map(|m| {
+                (
+                    m.kind.as_str(),
+                    m.api_version.as_str(),
+                    m.name.as_str(),
+                    m.origin.line,
+                )
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("ConfigMap", "v1", "dashboards-a", 4),
+                ("ConfigMap", "v1", "dashboards-b", 8)
+            ]
+        );
+        let (manifests, errors) = parse(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleList\nitems:\n  - apiVersion: rbac.authorization.k8s.io/v1\n    kind: Role\n    metadata: {name: a}\n    rules: []\n  - kind: Role\n    metadata: {}\n",
+        );
+        assert_eq!(manifests.len(), 1);
+        assert_eq!(manifests[0].origin.line, 4);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(
+            errors[0].line, 8,
+            "the broken item is named by its own line"
+        );
+        assert!(errors[0].message.contains("no metadata.name"), "{errors:?}");
+    }
+
+    #[test]
+    fn list_items_of_built_in_kinds_keep_the_strings_their_author_wrote() {
+        let (manifests, errors) = parse(
+            "apiVersion: v1\nkind: ConfigMapList\nitems:\n  -   metadata:\n        name: flags\n      data:\n        enabled: yes\n        mode: 0644\n  - apiVersion: example.com/v1\n    kind: Widget\n    metadata: {name: w}\n    spec: {on: yes}\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(manifests[0].object["data"]["enabled"], "yes");
+        assert_eq!(manifests[0].object["data"]["mode"], "0644");
+        assert_eq!(manifests[1].object["spec"]["on"], true);
+        // A type error in an item names the item's line.
+        let (_, errors) = parse(
+            "apiVersion: apps/v1\nkind: DeploymentList\nitems:\n- metadata: {name: a}\n  spec: {replicas: 1}\n- metadata: {name: b}\n  spec: {replicas: three}\n",
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].line >= 6, "{errors:?}");
+    }
+
+    #[test]
+    fn a_secrets_string_data_is_read_as_the_data_it_becomes() {
+        let m = one(
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata: {a: b2xk, keep: a2VlcA==}\nstringData:\n  a: new\n  b: \"0644\"\n",
+        );
+        assert!(m.object.get("stringData").is_none());
+        assert_eq!(
+            m.object["data"],
+            serde_json::json!({"a": "bmV3", "b": "MDY0NA==", "keep": "a2VlcA=="})
+        );
+        let m = one("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {only: x}\n");
+        assert_eq!(m.object["data"], serde_json::json!({"only": "eA=="}));
+        let (_, errors) =
+            parse("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: [a]\n");
+        assert_eq!(errors[0].line, 4, "{errors:?}");
+    }
+
+    #[test]
+    fn concatenated_json_objects_are_a_stream() {
+        let (manifests, errors) = parse(
+            "{\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", \"metadata\": {\"name\": \"a\"}}{\"apiVersion\": \"v1\",\n \"kind\": \"ConfigMap\", \"metadata\": {\"name\": \"b\"}}\n\n{\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", \"metadata\": {}}\n",
+        );
+        assert_eq!(
+            manifests
+                .iter()
+                .map(|m| (m.name.as_str(), m.origin.line))
+                .collect::<Vec<_>>(),
+            [("a", 1), ("b", 1)]
+        );
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].line, 4);
     }
 
     proptest::proptest! {

@@ -75,6 +75,13 @@ pub struct GitSyncSpec {
     /// Default: the operator's `--default-service-account`, else the operator itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// Read only files matching one of these patterns (gitignore syntax, from the repository
+    /// root). Dot files and folders, and what `.kommitignore` names, are never read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<String>,
+    /// Do not read files matching these patterns (gitignore syntax, from the repository root).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
 }
 
 fn default_interval() -> String {

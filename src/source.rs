@@ -80,6 +80,14 @@ pub enum SourceError {
         size: usize,
         limit: usize,
     },
+    #[error(
+        "{dir} holds a kustomization, and kommit does not run kustomize (its raw files are not \
+         what kustomize would apply): commit the output of `kustomize build {dir}` instead, or \
+         leave the folder out with --exclude '{dir}/' or a line in .kommitignore"
+    )]
+    Kustomization { dir: String },
+    #[error(transparent)]
+    Selection(#[from] crate::select::SelectError),
     #[error("{message}")]
     Revert { message: String },
     #[error("git error in {repo}: {message}")]
@@ -432,6 +440,16 @@ impl GitSource {
         commit: &CommitInfo,
         path: &str,
     ) -> Result<Vec<SourceFile>, SourceError> {
+        self.read_selected_manifests(commit, path, &crate::select::Selection::default())
+    }
+
+    /// The manifest files under `path`, narrowed by the rules of [`crate::select`].
+    pub fn read_selected_manifests(
+        &self,
+        commit: &CommitInfo,
+        path: &str,
+        selection: &crate::select::Selection,
+    ) -> Result<Vec<SourceFile>, SourceError> {
         let _span =
             tracing::info_span!("read_manifests", repo = %self.display, commit = %commit.short_sha(), path)
                 .entered();
@@ -466,13 +484,30 @@ impl GitSource {
                 _ => return Err(not_found("it is not a file or folder".to_string())),
             }
         }
-        found.retain(|(name, _, _)| has_manifest_extension(name));
-        found.sort_by(|a, b| a.0.cmp(&b.0));
-
         let reader = BlobReader {
             repo: &repo,
             display: &self.display,
         };
+        let ignore_file = match root.get_path(Path::new(crate::select::IGNORE_FILE)) {
+            Ok(entry) if entry.kind() == Some(ObjectType::Blob) => Some(
+                String::from_utf8_lossy(&reader.read(crate::select::IGNORE_FILE, entry.id())?)
+                    .into_owned(),
+            ),
+            _ => None,
+        };
+        let filter = crate::select::FileFilter::new(selection, ignore_file.as_deref(), &prefix)?;
+        found.retain(|(name, _, _)| filter.keeps(name));
+        if let Some(dir) = found
+            .iter()
+            .find_map(|(name, _, _)| crate::select::kustomization_dir(name))
+        {
+            return Err(SourceError::Kustomization {
+                dir: dir.to_string(),
+            });
+        }
+        found.retain(|(name, _, _)| has_manifest_extension(name));
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+
         let mut files = Vec::with_capacity(found.len());
         for (name, oid, mode) in found {
             let content = if mode == i32::from(FileMode::Link) {

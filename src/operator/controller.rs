@@ -405,6 +405,10 @@ async fn sync_gitsync(
                 .unwrap_or_else(|| namespace.clone()),
         ),
         inventory: Some(inventory_of(gitsync)),
+        select: crate::select::Selection {
+            include: spec.include.clone(),
+            exclude: spec.exclude.clone(),
+        },
     };
     let base = Policy {
         prune: spec.prune,

@@ -4,6 +4,27 @@
 use std::fmt::Write as _;
 
 use super::{Action, Change, Plan};
+use crate::object::apply_tier;
+
+/// The changes that write, in the order a sync makes them: by tier (what others depend on
+/// first, file order within a tier), then prunes in reverse tier order.
+fn in_apply_order(plan: &Plan) -> Vec<&Change> {
+    let tier = |c: &Change| apply_tier(&c.key.group, &c.key.kind);
+    let mut writes: Vec<&Change> = plan
+        .changes
+        .iter()
+        .filter(|c| c.action.writes() && c.action != Action::Prune)
+        .collect();
+    writes.sort_by_key(|c| tier(c));
+    let mut prunes: Vec<&Change> = plan
+        .changes
+        .iter()
+        .filter(|c| c.action == Action::Prune)
+        .collect();
+    prunes.sort_by_key(|c| std::cmp::Reverse(tier(c)));
+    writes.extend(prunes);
+    writes
+}
 
 const RESET: &str = "\x1b[0m";
 const BOLD: &str = "\x1b[1m";
@@ -73,7 +94,7 @@ pub fn render_text(plan: &Plan, color: bool) -> String {
             format!(", path {}", plan.source.path)
         }
     );
-    for change in plan.changes.iter().filter(|c| c.action.writes()) {
+    for change in in_apply_order(plan) {
         let _ = writeln!(
             out,
             "{}  {}{}",
@@ -145,7 +166,7 @@ pub fn render_markdown(plan: &Plan) -> String {
     let _ = writeln!(out, "> {}\n", commit.subject.replace('\n', " "));
     let summary = plan.summary();
     let _ = writeln!(out, "**{summary}**\n");
-    let changed: Vec<&Change> = plan.changes.iter().filter(|c| c.action.writes()).collect();
+    let changed: Vec<&Change> = in_apply_order(plan);
     if changed.is_empty() {
         let _ = writeln!(out, "The cluster matches this commit; nothing to apply.");
         return out;
@@ -262,5 +283,47 @@ mod tests {
     #[test]
     fn markdown_is_ready_for_a_pull_request() {
         insta::assert_snapshot!(render_markdown(&plan()));
+    }
+
+    #[test]
+    fn the_text_plan_lists_objects_in_the_order_sync_applies_them() {
+        let mut plan = plan();
+        let template = plan.changes[0].clone();
+        let change = |action, group: &str, kind: &str, name: &str| Change {
+            action,
+            key: ObjectKey::new(group, kind, None, name),
+            ..template.clone()
+        };
+        // File order: a Deployment, a custom resource, its CRD, the Namespace, and two prunes.
+        plan.changes = vec![
+            change(Action::Create, "apps", "Deployment", "web"),
+            change(Action::Prune, "", "Namespace", "old"),
+            change(Action::Create, "example.com", "Widget", "w"),
+            change(Action::Prune, "apps", "Deployment", "gone"),
+            change(
+                Action::Create,
+                "apiextensions.k8s.io",
+                "CustomResourceDefinition",
+                "widgets.example.com",
+            ),
+            change(Action::Create, "", "Namespace", "shop"),
+        ];
+        let order: Vec<&str> = in_apply_order(&plan)
+            .iter()
+            .map(|c| c.key.name.as_str())
+            .collect();
+        assert_eq!(
+            order,
+            ["shop", "widgets.example.com", "web", "w", "gone", "old"]
+        );
+        let text = render_text(&plan, false);
+        let at = |name: &str| {
+            text.find(&format!(" {name} ("))
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+        };
+        assert!(
+            at("shop") < at("widgets.example.com") && at("widgets.example.com") < at("web"),
+            "{text}"
+        );
     }
 }

@@ -48,11 +48,12 @@ pub async fn load(
 ) -> Result<Loaded, ReconcileError> {
     let rev = target.rev.clone();
     let path = target.path.clone();
+    let select = target.select.clone();
     // Reading and parsing a large tree is blocking work: off the async threads, owned data back.
     let (commit, parsed) = source
         .blocking(move |git| {
             let commit = git.resolve(rev.as_deref())?;
-            let files = git.read_manifests(&commit, &path)?;
+            let files = git.read_selected_manifests(&commit, &path, &select)?;
             Ok((commit, manifest::parse_files(&files)))
         })
         .await?;

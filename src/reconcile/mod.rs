@@ -46,6 +46,8 @@ pub struct Target {
     pub namespace: Option<String>,
     /// Name of the inventory; default: derived from the repository and path.
     pub inventory: Option<String>,
+    /// Which files under the path are read.
+    pub select: crate::select::Selection,
 }
 
 #[derive(Debug, Clone)]

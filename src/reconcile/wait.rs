@@ -1,6 +1,8 @@
 //! Waiting for applied objects to become healthy: watches (not polls) Deployments, their
-//! ReplicaSets and Pods, judges them with the `rollout` rules, and calls a failure as soon as a
-//! failure signal has lasted `fail_after`.
+//! ReplicaSets and the Pods of every workload, looks at other workloads and kinds with a status
+//! worth judging, judges them with the `rollout` rules, and calls a failure as soon as a failure
+//! signal has lasted `fail_after`. Objects that only wait for what many clusters lack (an address,
+//! a volume) are shown but do not hold the sync.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -8,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::Serialize;
@@ -139,11 +142,21 @@ where
 
 type Driver = std::pin::Pin<Box<dyn Stream<Item = ()> + Send>>;
 
-/// Watches only where Deployments or Pods are to be judged; `None` when there are none.
+/// Kinds judged with their pods' failure signals.
+fn has_pods(key: &ObjectKey) -> bool {
+    key.is_kind("apps", "Deployment")
+        || key.is_kind("apps", "StatefulSet")
+        || key.is_kind("apps", "DaemonSet")
+        || key.is_kind("apps", "ReplicaSet")
+        || key.is_kind("batch", "Job")
+        || key.is_kind("", "Pod")
+}
+
+/// Watches only where workloads or Pods are to be judged; `None` when there are none.
 fn start_watches(cluster: &Cluster, watched: &[Watched]) -> Option<(Stores, Driver)> {
     let namespaces: BTreeSet<&str> = watched
         .iter()
-        .filter(|w| w.key.is_kind("apps", "Deployment") || w.key.is_kind("", "Pod"))
+        .filter(|w| has_pods(&w.key))
         .filter_map(|w| w.key.namespace.as_deref())
         .collect();
     if namespaces.is_empty() {
@@ -230,6 +243,20 @@ impl Owned {
         }
     }
 
+    /// The live pods an object owns directly (StatefulSet, DaemonSet, ReplicaSet, Job).
+    fn pods_of(&self, owner: &Value) -> Vec<Value> {
+        let Some(uid) = owner.pointer("/metadata/uid").and_then(Value::as_str) else {
+            return Vec::new();
+        };
+        self.pods
+            .get(uid)
+            .into_iter()
+            .flatten()
+            .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+            .map(|pod| to_value(&**pod))
+            .collect()
+    }
+
     /// The pods of a Deployment's newest ReplicaSet (what `kubectl rollout status` watches).
     fn new_pods(&self, deployment: &Deployment) -> Vec<Value> {
         let Some(uid) = deployment.metadata.uid.as_deref() else {
@@ -270,17 +297,32 @@ fn object_ref<K: kube::Resource<DynamicType = ()>>(key: &ObjectKey) -> ObjectRef
     }
 }
 
+/// What a wait remembers between evaluations.
+#[derive(Default)]
+struct Memory {
+    /// Verdicts that hold once reached (a CRD established, a ConfigMap present): not looked at
+    /// again.
+    settled: HashMap<ObjectKey, Verdict>,
+    /// Jobs as last seen: a finished Job may delete itself (`ttlSecondsAfterFinished`).
+    jobs: HashMap<ObjectKey, Value>,
+}
+
 /// Judges every watched object once. Returns the verdicts and the failure signals seen.
 async fn evaluate(
     cluster: &Cluster,
     stores: Option<&Stores>,
     watched: &[Watched],
+    memory: &mut Memory,
 ) -> Result<Vec<(ObjectHealth, Vec<FailureSignal>)>, ClusterError> {
     let mut out = Vec::with_capacity(watched.len());
     let owned = stores.map(Owned::index);
     for item in watched {
         let key = &item.key;
-        let (verdict, signals): (Verdict, Vec<FailureSignal>) = if let Some(stores) = stores
+        let (verdict, signals): (Verdict, Vec<FailureSignal>) = if let Some(settled) =
+            memory.settled.get(key)
+        {
+            (settled.clone(), Vec::new())
+        } else if let Some(stores) = stores
             && key.is_kind("apps", "Deployment")
         {
             match stores.deployments.get(&object_ref(key)) {
@@ -300,12 +342,46 @@ async fn evaluate(
                 }
                 None => (verdict(Health::Missing, "not in the cluster"), Vec::new()),
             }
-        } else if rollout::has_rollout(&key.group, &key.kind) {
+        } else if has_pods(key) {
             let live = cluster.get(&item.resource, key).await?;
-            (
-                rollout::generic_health(&key.group, &key.kind, live.as_ref()),
-                Vec::new(),
-            )
+            match live {
+                Some(live) => {
+                    let pods = owned.as_ref().map(|o| o.pods_of(&live)).unwrap_or_default();
+                    let judged = match key.kind.as_str() {
+                        "StatefulSet" => rollout::statefulset_health(&live, &pods),
+                        "DaemonSet" => rollout::daemonset_health(&live, &pods),
+                        "ReplicaSet" => rollout::replicaset_health(&live, &pods),
+                        "Job" => rollout::job_health(&live, &pods),
+                        // Deployments and Pods are judged from the watch caches above.
+                        _ => (
+                            rollout::generic_health(&key.group, &key.kind, Some(&live)),
+                            Vec::new(),
+                        ),
+                    };
+                    if key.is_kind("batch", "Job") {
+                        memory.jobs.insert(key.clone(), live);
+                    }
+                    judged
+                }
+                None => match memory.jobs.get(key) {
+                    Some(last_seen) => {
+                        let failed = job_failure_event(cluster, key, last_seen).await;
+                        let verdict = rollout::vanished_job_health(last_seen, failed.as_deref());
+                        if verdict.health != Health::Missing {
+                            memory.settled.insert(key.clone(), verdict.clone());
+                        }
+                        (verdict, Vec::new())
+                    }
+                    None => (verdict(Health::Missing, "not in the cluster"), Vec::new()),
+                },
+            }
+        } else if rollout::needs_live_look(&key.group, &key.kind) {
+            let live = cluster.get(&item.resource, key).await?;
+            let verdict = rollout::generic_health(&key.group, &key.kind, live.as_ref());
+            if verdict.health == Health::Healthy && rollout::stays_healthy(&key.group, &key.kind) {
+                memory.settled.insert(key.clone(), verdict.clone());
+            }
+            (verdict, Vec::new())
         } else {
             (verdict(Health::Healthy, "applied"), Vec::new())
         };
@@ -323,6 +399,32 @@ async fn evaluate(
         ));
     }
     Ok(out)
+}
+
+/// Job failure reasons the Job controller records as Warning events.
+const JOB_FAILURE_REASONS: [&str; 4] = [
+    "BackoffLimitExceeded",
+    "DeadlineExceeded",
+    "PodFailurePolicy",
+    "MaxFailedIndexesExceeded",
+];
+
+/// The failure a vanished Job's events record, if any: a finished Job's events outlive it.
+/// Events that cannot be read count as none (the Job was last seen without a failure).
+async fn job_failure_event(
+    cluster: &Cluster,
+    key: &ObjectKey,
+    last_seen: &Value,
+) -> Option<String> {
+    let uid = last_seen.pointer("/metadata/uid").and_then(Value::as_str)?;
+    let api: Api<Event> = Api::namespaced(cluster.client().clone(), key.namespace.as_deref()?);
+    let params = ListParams::default().fields(&format!("involvedObject.uid={uid}"));
+    let events = api.list(&params).await.ok()?;
+    events
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .find(|reason| JOB_FAILURE_REASONS.contains(&reason.as_str()))
 }
 
 fn verdict(health: Health, message: &str) -> Verdict {
@@ -345,11 +447,17 @@ pub async fn health_now(
             }
         }
     }
-    Ok(evaluate(cluster, watches.as_ref().map(|(s, _)| s), watched)
-        .await?
-        .into_iter()
-        .map(|(health, _)| health)
-        .collect())
+    let mut memory = Memory::default();
+    Ok(evaluate(
+        cluster,
+        watches.as_ref().map(|(s, _)| s),
+        watched,
+        &mut memory,
+    )
+    .await?
+    .into_iter()
+    .map(|(health, _)| health)
+    .collect())
 }
 
 /// Waits until every object is healthy, one fails, or the timeout passes. `progress` is called
@@ -367,6 +475,7 @@ pub async fn wait_healthy(
         });
     }
     let mut watches = start_watches(cluster, watched);
+    let mut memory = Memory::default();
     let mut first_seen: HashMap<(ObjectKey, String, String, String), Instant> = HashMap::new();
     let mut last_reported: Vec<ObjectHealth> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -393,7 +502,13 @@ pub async fn wait_healthy(
                 tick.tick().await;
             }
         }
-        let judged = evaluate(cluster, watches.as_ref().map(|(s, _)| s), watched).await?;
+        let judged = evaluate(
+            cluster,
+            watches.as_ref().map(|(s, _)| s),
+            watched,
+            &mut memory,
+        )
+        .await?;
         let now = Instant::now();
         let objects: Vec<ObjectHealth> = judged.iter().map(|(h, _)| h.clone()).collect();
         if objects != last_reported {
@@ -410,6 +525,12 @@ pub async fn wait_healthy(
                     objects,
                 });
             }
+            // A healthy object's restarting pod (already ready again) is no failure.
+            let signals = if health.health == Health::Healthy {
+                &[][..]
+            } else {
+                &signals[..]
+            };
             for signal in signals {
                 let id = (
                     health.key.clone(),
@@ -429,13 +550,13 @@ pub async fn wait_healthy(
             }
         }
         first_seen.retain(|id, _| seen_now.contains(id));
-        if objects.iter().all(|o| o.health == Health::Healthy) {
+        if objects.iter().all(|o| o.health.settled()) {
             return Ok(WaitOutcome::Healthy { objects });
         }
         if started.elapsed() >= options.timeout {
             let stuck = objects
                 .iter()
-                .find(|o| o.health != Health::Healthy)
+                .find(|o| !o.health.settled())
                 .cloned()
                 .expect("not all healthy");
             return Ok(WaitOutcome::Failed {
