@@ -343,7 +343,8 @@ const REPORTING_CONTROLLER: &str = "kommit";
 impl Events {
     pub fn new(cluster: &Cluster) -> Self {
         Events {
-            client: cluster.client().clone(),
+            // The operator's own: a GitSync's ServiceAccount need not be allowed to write Events.
+            client: cluster.own_client().clone(),
             instance: cluster.instance().unwrap_or("kommit").to_string(),
         }
     }
