@@ -209,6 +209,9 @@ kommit.dev/reconcile-requested-at=\"$(date +%s)\" --overwrite` does the same by 
         /// agent, credential helper) to GitSyncs without spec.secretRef
         #[arg(long)]
         use_operator_credentials: bool,
+        /// How many GitSyncs are reconciled at once
+        #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
     },
     /// Which commit is live and whether the cluster is in sync with it
     Status {
@@ -288,6 +291,12 @@ pub struct SourceArgs {
     /// repeatable)
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
+    /// The most objects one sync may read
+    #[arg(long, default_value_t = crate::budget::DEFAULT_MAX_OBJECTS, value_name = "N")]
+    pub max_objects: usize,
+    /// The most bytes of manifests one sync may read, and their size once parsed
+    #[arg(long, default_value = "256Mi", value_parser = parse_bytes, value_name = "SIZE")]
+    pub max_bytes: u64,
     /// Namespace for objects that name none (default: the kubeconfig's, else "default")
     #[arg(long, short, value_name = "NS")]
     pub namespace: Option<String>,
@@ -561,6 +570,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             lease_name,
             lease_duration,
             default_service_account,
+            concurrency,
             allow_local_repos,
             use_operator_credentials,
         } => {
@@ -635,6 +645,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     allow_local_repos,
                     use_operator_credentials,
                 },
+                concurrency,
             };
             crate::operator::run::run(cluster, options).await?;
             Ok(exit::OK)
@@ -765,6 +776,29 @@ impl ProgressView {
     }
 }
 
+/// `256Mi`, `1Gi`, `500Ki` or a number of bytes.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, ""),
+    };
+    let factor = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{text:?}: write a size such as 256Mi, 1Gi or 500Ki"
+            ));
+        }
+    };
+    number
+        .parse::<u64>()
+        .map(|n| n * factor)
+        .map_err(|_| format!("{text:?}: write a size such as 256Mi, 1Gi or 500Ki"))
+}
+
 /// Where bare mirrors of remote repositories live.
 fn default_cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("KOMMIT_CACHE_DIR") {
@@ -810,6 +844,11 @@ async fn open(
         select: crate::select::Selection {
             include: args.include.clone(),
             exclude: args.exclude.clone(),
+        },
+        budgets: crate::budget::Budgets {
+            max_bytes: args.max_bytes,
+            max_objects: args.max_objects,
+            max_expanded_bytes: args.max_bytes,
         },
     };
     Ok((git, cluster, target))

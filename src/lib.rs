@@ -6,6 +6,7 @@
 //! parses, calls and prints.
 
 pub mod audit;
+pub mod budget;
 pub mod cli;
 pub mod cluster;
 pub mod commit;

@@ -93,12 +93,52 @@ fn yaml_options() -> serde_saphyr::Options {
 
 /// Parses every file; returns all objects, or every problem found (never just the first).
 pub fn parse_files(files: &[SourceFile]) -> Result<Vec<Manifest>, Vec<ManifestError>> {
+    parse_files_within(files, &crate::budget::Budgets::default())
+}
+
+/// [`parse_files`], stopping at the first file that takes the commit over a budget.
+pub fn parse_files_within(
+    files: &[SourceFile],
+    budgets: &crate::budget::Budgets,
+) -> Result<Vec<Manifest>, Vec<ManifestError>> {
     let mut manifests = Vec::new();
     let mut errors = Vec::new();
+    let mut expanded: u64 = 0;
     for file in files {
         let (mut found, mut problems) = parse_file(&file.path, &file.content);
+        expanded += found
+            .iter()
+            .map(|m| serde_json::to_vec(&m.object).map_or(0, |v| v.len() as u64))
+            .sum::<u64>();
         manifests.append(&mut found);
         errors.append(&mut problems);
+        if manifests.len() > budgets.max_objects {
+            errors.push(ManifestError::new(
+                &file.path,
+                1,
+                format!(
+                    "the commit holds more than {} objects by this file, over the budget for one \
+                     sync; narrow --path (or exclude files), or raise --max-objects (GitSync: \
+                     spec.maxObjects)",
+                    budgets.max_objects
+                ),
+            ));
+            break;
+        }
+        if expanded > budgets.max_expanded_bytes {
+            errors.push(ManifestError::new(
+                &file.path,
+                1,
+                format!(
+                    "the objects read up to this file expand to {} (YAML aliases included), over \
+                     the budget of {} for one sync; raise --max-bytes (GitSync: spec.maxBytes) \
+                     if they are meant to",
+                    crate::budget::human_bytes(expanded),
+                    crate::budget::human_bytes(budgets.max_expanded_bytes)
+                ),
+            ));
+            break;
+        }
     }
     if errors.is_empty() {
         Ok(manifests)
@@ -645,6 +685,39 @@ fn into_manifest(mut value: Value, origin: &Origin) -> Result<Manifest, Manifest
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_commit_over_its_budgets_is_refused_naming_the_file_and_the_flag() {
+        let docs: String = (0..20)
+            .map(|i| format!("---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c{i}}}\n"))
+            .collect();
+        let files = vec![SourceFile {
+            path: "deploy/many.yaml".into(),
+            content: docs.into_bytes(),
+        }];
+        let few = crate::budget::Budgets {
+            max_objects: 10,
+            ..crate::budget::Budgets::default()
+        };
+        let errors = parse_files_within(&files, &few).unwrap_err();
+        assert_eq!(errors[0].file, "deploy/many.yaml");
+        assert!(errors[0].message.contains("--max-objects"), "{errors:?}");
+        let small = crate::budget::Budgets {
+            max_expanded_bytes: 100,
+            ..crate::budget::Budgets::default()
+        };
+        let errors = parse_files_within(&files, &small).unwrap_err();
+        assert!(
+            errors[0].message.contains("over the budget of 100 bytes"),
+            "{errors:?}"
+        );
+        assert_eq!(
+            parse_files_within(&files, &crate::budget::Budgets::default())
+                .unwrap()
+                .len(),
+            20
+        );
+    }
 
     fn parse(text: &str) -> (Vec<Manifest>, Vec<ManifestError>) {
         parse_file("app/web.yaml", text.as_bytes())

@@ -82,6 +82,15 @@ pub struct GitSyncSpec {
     /// Do not read files matching these patterns (gitignore syntax, from the repository root).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<String>,
+    /// The most objects one sync may read (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_objects: Option<usize>,
+    /// The most bytes of manifests one sync may read, and their size once parsed (default
+    /// 256 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_bytes: Option<u64>,
 }
 
 fn default_interval() -> String {

@@ -39,6 +39,15 @@ pub enum SourceError {
         hint: String,
     },
     #[error(
+        "the manifest files reach {read} at {file}, over the budget of {limit} for one sync; \
+         narrow --path (or exclude files), or raise --max-bytes (GitSync: spec.maxBytes)"
+    )]
+    OverBudget {
+        file: String,
+        read: String,
+        limit: String,
+    },
+    #[error(
         "cannot use the cache folder {path}: {message}; set KOMMIT_CACHE_DIR to a writable folder"
     )]
     Cache { path: String, message: String },
@@ -440,7 +449,12 @@ impl GitSource {
         commit: &CommitInfo,
         path: &str,
     ) -> Result<Vec<SourceFile>, SourceError> {
-        self.read_selected_manifests(commit, path, &crate::select::Selection::default())
+        self.read_selected_manifests(
+            commit,
+            path,
+            &crate::select::Selection::default(),
+            &crate::budget::Budgets::default(),
+        )
     }
 
     /// The manifest files under `path`, narrowed by the rules of [`crate::select`].
@@ -449,6 +463,7 @@ impl GitSource {
         commit: &CommitInfo,
         path: &str,
         selection: &crate::select::Selection,
+        budgets: &crate::budget::Budgets,
     ) -> Result<Vec<SourceFile>, SourceError> {
         let _span =
             tracing::info_span!("read_manifests", repo = %self.display, commit = %commit.short_sha(), path)
@@ -508,6 +523,21 @@ impl GitSource {
         found.retain(|(name, _, _)| has_manifest_extension(name));
         found.sort_by(|a, b| a.0.cmp(&b.0));
 
+        // The budget is checked from the object headers, before the blobs are loaded; a blob
+        // reached by many paths counts each time.
+        let odb = repo.odb().map_err(git)?;
+        let mut total: u64 = 0;
+        for (name, oid, _) in &found {
+            let (size, _) = odb.read_header(*oid).map_err(git)?;
+            total += size as u64;
+            if total > budgets.max_bytes {
+                return Err(SourceError::OverBudget {
+                    file: name.clone(),
+                    read: crate::budget::human_bytes(total),
+                    limit: crate::budget::human_bytes(budgets.max_bytes),
+                });
+            }
+        }
         let mut files = Vec::with_capacity(found.len());
         for (name, oid, mode) in found {
             let content = if mode == i32::from(FileMode::Link) {

@@ -666,3 +666,40 @@ fn a_git_server_that_never_answers_is_given_up_on_with_a_clear_error() {
         "{run:?}"
     );
 }
+
+#[test]
+fn a_commit_over_a_budget_is_refused_whole_naming_the_file_and_how_to_raise_it() {
+    let ns = TestNamespace::new("budgets");
+    let repo = GitRepo::new();
+    let many: String = (0..30)
+        .map(|i| format!("---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c{i}}}\n"))
+        .collect();
+    repo.write("deploy/many.yaml", &many);
+    repo.commit("Thirty ConfigMaps");
+    let too_many = sync(&repo, &["-n", &ns.name, "--max-objects", "20", "--no-wait"]);
+    assert_eq!(too_many.code, 2, "{too_many:?}");
+    assert!(
+        too_many.stderr.contains("deploy/many.yaml") && too_many.stderr.contains("--max-objects"),
+        "{too_many:?}"
+    );
+    let too_big = sync(&repo, &["-n", &ns.name, "--max-bytes", "1Ki", "--no-wait"]);
+    assert_eq!(too_big.code, 2, "{too_big:?}");
+    assert!(
+        too_big.stderr.contains("over the budget of 1 KiB")
+            && too_big.stderr.contains("--max-bytes"),
+        "{too_big:?}"
+    );
+    let written = kubectl_ok(&[
+        "get",
+        "configmaps",
+        "-n",
+        &ns.name,
+        "-l",
+        "kommit.dev/inventory",
+        "-o",
+        "name",
+    ]);
+    assert!(written.trim().is_empty(), "nothing is written: {written}");
+    let within = sync(&repo, &["-n", &ns.name, "--no-wait"]);
+    assert_eq!(within.code, 0, "{within:?}");
+}

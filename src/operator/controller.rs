@@ -143,6 +143,8 @@ pub struct Context {
     /// `tenancy.use_operator_credentials`.
     pub ambient: AmbientCredentials,
     pub tenancy: Tenancy,
+    /// How many GitSyncs are reconciled at once: one slow repository or rollout holds one slot.
+    pub concurrency: u16,
     pub metrics: Arc<Metrics>,
 }
 
@@ -196,6 +198,7 @@ pub async fn run(
         }
     });
     Controller::for_stream(triggers, store)
+        .with_config(kube::runtime::controller::Config::default().concurrency(context.concurrency))
         .graceful_shutdown_on(shutdown)
         .run(reconcile_one, error_policy, context)
         .for_each(|result| async move {
@@ -408,6 +411,13 @@ async fn sync_gitsync(
         select: crate::select::Selection {
             include: spec.include.clone(),
             exclude: spec.exclude.clone(),
+        },
+        budgets: crate::budget::Budgets {
+            max_bytes: spec.max_bytes.unwrap_or(crate::budget::DEFAULT_MAX_BYTES),
+            max_objects: spec
+                .max_objects
+                .unwrap_or(crate::budget::DEFAULT_MAX_OBJECTS),
+            max_expanded_bytes: spec.max_bytes.unwrap_or(crate::budget::DEFAULT_MAX_BYTES),
         },
     };
     let base = Policy {

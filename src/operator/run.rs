@@ -32,6 +32,8 @@ pub struct OperatorOptions {
     pub ambient: AmbientCredentials,
     /// What GitSyncs may borrow from the operator.
     pub tenancy: controller::Tenancy,
+    /// How many GitSyncs are reconciled at once.
+    pub concurrency: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +94,7 @@ pub async fn run(cluster: Cluster, options: OperatorOptions) -> Result<(), RunEr
         cache_dir: options.cache_dir,
         ambient: options.ambient,
         tenancy: options.tenancy,
+        concurrency: options.concurrency,
         metrics: metrics.clone(),
     });
     let outcome = match options.lease {

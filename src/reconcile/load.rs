@@ -49,12 +49,13 @@ pub async fn load(
     let rev = target.rev.clone();
     let path = target.path.clone();
     let select = target.select.clone();
+    let budgets = target.budgets;
     // Reading and parsing a large tree is blocking work: off the async threads, owned data back.
     let (commit, parsed) = source
         .blocking(move |git| {
             let commit = git.resolve(rev.as_deref())?;
-            let files = git.read_selected_manifests(&commit, &path, &select)?;
-            Ok((commit, manifest::parse_files(&files)))
+            let files = git.read_selected_manifests(&commit, &path, &select, &budgets)?;
+            Ok((commit, manifest::parse_files_within(&files, &budgets)))
         })
         .await?;
     let _span = tracing::info_span!("load", repo = %source.display(), commit = %commit.short_sha(), path = %target.path)

@@ -48,6 +48,8 @@ pub struct Target {
     pub inventory: Option<String>,
     /// Which files under the path are read.
     pub select: crate::select::Selection,
+    /// What one sync may read.
+    pub budgets: crate::budget::Budgets,
 }
 
 #[derive(Debug, Clone)]
