@@ -241,6 +241,75 @@ pub fn now_rfc3339() -> String {
     crate::source::format_rfc3339(seconds)
 }
 
+/// On a record: who is syncing its source and until when (`holder|unix seconds`).
+pub const LOCK_ANNOTATION: &str = "kommit.dev/sync-lock";
+/// How long a lock lasts unrenewed: the longest a crashed sync holds the next one back.
+const LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A source's lock, as another sync holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub holder: String,
+    /// RFC 3339.
+    pub until: String,
+}
+
+impl Held {
+    /// The lock an annotation describes, if it is still in force at `now`.
+    fn in_force(value: &str, now: i64) -> Option<Held> {
+        let (holder, until) = value.rsplit_once('|')?;
+        let until: i64 = until.parse().ok()?;
+        (until > now).then(|| Held {
+            holder: holder.to_string(),
+            until: crate::commit::format_rfc3339(until),
+        })
+    }
+}
+
+/// This sync's hold on its source, renewed in the background until released.
+pub struct SourceLock {
+    api: Api<ConfigMap>,
+    name: String,
+    holder: String,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl SourceLock {
+    /// Frees the source for the next sync (best effort: unreleased, it expires by itself).
+    pub async fn release(self) {
+        self.renewal.abort();
+        let Ok(Some(config_map)) = self.api.get_opt(&self.name).await else {
+            return;
+        };
+        let ours = config_map
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LOCK_ANNOTATION))
+            .is_some_and(|v| v.rsplit_once('|').is_some_and(|(h, _)| h == self.holder));
+        if !ours {
+            return;
+        }
+        let patch = serde_json::json!({"metadata": {
+            "resourceVersion": config_map.metadata.resource_version,
+            "annotations": {LOCK_ANNOTATION: null},
+        }});
+        if let Err(e) = self
+            .api
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            tracing::warn!(error = %e, record = %self.name, "could not release the sync lock; it expires by itself");
+        }
+    }
+}
+
 /// Where a record lives: a ConfigMap named after the inventory, in the target namespace.
 #[derive(Debug, Clone)]
 pub struct RecordStore {
@@ -299,6 +368,90 @@ impl RecordStore {
         let record: Record = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         record.check().map_err(invalid)?;
         Ok(record)
+    }
+
+    /// Takes this source's lock for `holder`, unless another sync holds it (then `Err(Held)`).
+    /// The lock is an annotation on the record, written with the resourceVersion as a
+    /// precondition, so two syncs racing for it cannot both win.
+    pub async fn lock(&self, holder: &str) -> Result<Result<SourceLock, Held>, ClusterError> {
+        self.cluster.check_fence(&self.location())?;
+        let value = |now: i64| format!("{holder}|{}", now + LOCK_TTL.as_secs() as i64);
+        let classify = |e| self.cluster.classify(e, &self.location(), "lock");
+        for _ in 0..3 {
+            let now = unix_now();
+            let found = self.api.get_opt(&self.name).await.map_err(classify)?;
+            let written = match found {
+                None => {
+                    let config_map: ConfigMap = serde_json::from_value(serde_json::json!({
+                        "metadata": {
+                            "name": self.name,
+                            "namespace": self.namespace,
+                            "labels": {RECORD_LABEL: self.inventory, "app.kubernetes.io/managed-by": "kommit"},
+                            "annotations": {LOCK_ANNOTATION: value(now)},
+                        },
+                    }))
+                    .expect("a ConfigMap");
+                    self.api
+                        .create(&kube::api::PostParams::default(), &config_map)
+                        .await
+                        .map(|_| ())
+                }
+                Some(config_map) => {
+                    let current = config_map
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(LOCK_ANNOTATION));
+                    if let Some(held) = current.and_then(|v| Held::in_force(v, now))
+                        && held.holder != holder
+                    {
+                        return Ok(Err(held));
+                    }
+                    let patch = serde_json::json!({"metadata": {
+                        "resourceVersion": config_map.metadata.resource_version,
+                        "annotations": {LOCK_ANNOTATION: value(now)},
+                    }});
+                    self.api
+                        .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map(|_| ())
+                }
+            };
+            match written {
+                Ok(()) => {
+                    let (api, name, renewed) =
+                        (self.api.clone(), self.name.clone(), holder.to_string());
+                    let renewal = tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(LOCK_TTL / 3).await;
+                            let until = unix_now() + LOCK_TTL.as_secs() as i64;
+                            let patch = serde_json::json!({"metadata": {"annotations": {
+                                LOCK_ANNOTATION: format!("{renewed}|{until}"),
+                            }}});
+                            if let Err(e) = api
+                                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                                .await
+                            {
+                                tracing::warn!(error = %e, record = %name, "could not renew the sync lock");
+                            }
+                        }
+                    });
+                    return Ok(Ok(SourceLock {
+                        api: self.api.clone(),
+                        name: self.name.clone(),
+                        holder: holder.to_string(),
+                        renewal,
+                    }));
+                }
+                // Someone else wrote in between: look again.
+                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Err(e) => return Err(classify(e)),
+            }
+        }
+        Ok(Err(Held {
+            holder: "another kommit (it kept winning the race for the lock)".to_string(),
+            until: crate::commit::format_rfc3339(unix_now() + LOCK_TTL.as_secs() as i64),
+        }))
     }
 
     pub async fn save(&self, record: &Record) -> Result<(), ClusterError> {
@@ -613,5 +766,19 @@ mod tests {
             "system-aggregated-metrics-reader.ff"
         );
         assert_eq!(event_name("web", 255), "web.ff");
+    }
+
+    #[test]
+    fn a_lock_is_in_force_until_its_time_and_names_its_holder() {
+        let held = Held::in_force("ci-runner (pid 7)|2000", 1_999).unwrap();
+        assert_eq!(held.holder, "ci-runner (pid 7)");
+        assert_eq!(held.until, crate::commit::format_rfc3339(2000));
+        assert_eq!(
+            Held::in_force("ci-runner (pid 7)|2000", 2_000),
+            None,
+            "expired"
+        );
+        assert_eq!(Held::in_force("garbage", 0), None);
+        assert_eq!(Held::in_force("a|b|3", 1).unwrap().holder, "a|b");
     }
 }

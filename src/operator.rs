@@ -172,6 +172,8 @@ pub enum Reason {
     FailedBefore,
     /// The commit would take over objects kommit did not create, without `spec.adopt`.
     AdoptionRefused,
+    /// Another kommit (a CLI run, another GitSync of the same source) is syncing it now.
+    SourceBusy,
     /// The GitSync's ServiceAccount may not do what the commit needs (RBAC said no).
     Forbidden,
     /// The operator does not read this kind of source for GitSyncs (a local path or file://).
@@ -200,6 +202,7 @@ impl Reason {
             Reason::RolloutFailed => "RolloutFailed",
             Reason::FailedBefore => "FailedBefore",
             Reason::AdoptionRefused => "AdoptionRefused",
+            Reason::SourceBusy => "SourceBusy",
             Reason::Forbidden => "Forbidden",
             Reason::SourceNotAllowed => "SourceNotAllowed",
             Reason::InvalidSpec => "InvalidSpec",

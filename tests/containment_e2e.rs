@@ -197,3 +197,60 @@ fn one_path_synced_into_two_namespaces_is_two_sources() {
     assert!(exists(&staging.name, "configmap/app"));
     assert!(exists(&prod.name, "configmap/app"));
 }
+
+#[test]
+fn one_sync_of_a_source_at_a_time() {
+    let ns = TestNamespace::new("sync-lock");
+    let repo = GitRepo::new();
+    repo.write("deploy/app.yaml", &config_map("app", "v1"));
+    repo.commit("Add app");
+    let first = sync(&repo, &ns.name, &[]);
+    assert_eq!(first.code, 0, "{first:?}");
+    let inventory = jsonpath(
+        &ns.name,
+        "configmap/app",
+        "{.metadata.labels.kommit\\.dev/inventory}",
+    );
+    let record = format!("configmap/kommit-record-{inventory}");
+    let lock = || {
+        jsonpath(
+            &ns.name,
+            &record,
+            "{.metadata.annotations.kommit\\.dev/sync-lock}",
+        )
+    };
+    assert_eq!(lock(), "", "a finished sync leaves the source free");
+
+    // Another sync (here: one that says so in the record) holds the source for a minute.
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    kubectl_ok(&[
+        "annotate",
+        "-n",
+        &ns.name,
+        &record,
+        &format!("kommit.dev/sync-lock=ci-runner-7 (pid 42)|{until}"),
+    ]);
+    repo.write("deploy/app.yaml", &config_map("app", "v2"));
+    repo.commit("App v2");
+    let refused = sync(&repo, &ns.name, &[]);
+    assert_eq!(refused.code, 2, "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("another kommit is syncing this source")
+            && refused.stderr.contains("ci-runner-7 (pid 42)"),
+        "{refused:?}"
+    );
+    assert_eq!(jsonpath(&ns.name, "configmap/app", "{.data.k}"), "v1");
+
+    // Once it is done (or its time ran out), the next sync goes ahead.
+    kubectl_ok(&["annotate", "-n", &ns.name, &record, "kommit.dev/sync-lock-"]);
+    let synced = sync(&repo, &ns.name, &[]);
+    assert_eq!(synced.code, 0, "{synced:?}");
+    assert_eq!(jsonpath(&ns.name, "configmap/app", "{.data.k}"), "v2");
+    assert_eq!(lock(), "");
+}

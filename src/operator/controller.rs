@@ -63,6 +63,7 @@ fn failure_reason(error: &ReconcileError) -> Reason {
         ReconcileError::Invalid { .. } => Reason::InvalidCommit,
         ReconcileError::Drift { .. } => Reason::Drift,
         ReconcileError::Adopt { .. } => Reason::AdoptionRefused,
+        ReconcileError::Busy(_) => Reason::SourceBusy,
         ReconcileError::PruneGuard(_) => Reason::PruneGuard,
         ReconcileError::Pinned { .. } => Reason::Pinned,
         ReconcileError::Source(_) => Reason::SourceUnavailable,

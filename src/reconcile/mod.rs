@@ -153,6 +153,12 @@ pub enum ReconcileError {
     )]
     Pinned { pinned: String, subject: String },
     #[error(
+        "another kommit is syncing this source right now ({}, until {} at the latest); nothing \
+         was changed: try again once it is done",
+        .0.holder, .0.until
+    )]
+    Busy(audit::Held),
+    #[error(
         "sync of commit {commit} stopped at {object}: {source}; {applied} of {total} changes were \
          made before it. Fix the cause and sync again: kommit continues from the live state"
     )]
@@ -266,14 +272,38 @@ pub async fn sync(
         &loaded.record_namespace(target, cluster),
         loaded.inventory(),
     );
-    let mut record = store.load().await?;
     if policy.dry_run {
+        let record = store.load().await?;
         let prepared = plan_loaded(cluster, loaded, policy, record.owned.as_ref()).await?;
         let mut report = SyncReport::new(prepared.plan, Vec::new());
         report.dry_run = true;
         report.drift = prepared.drift;
         return Ok(report);
     }
+    // One sync of a source at a time, whoever runs it (two CLIs, a CLI and the operator): from
+    // planning to the record, nobody else writes for this source.
+    let holder = format!(
+        "{} (pid {})",
+        cluster.instance().unwrap_or("kommit"),
+        std::process::id()
+    );
+    let lock = store.lock(&holder).await?.map_err(ReconcileError::Busy)?;
+    let outcome = sync_locked(source, cluster, target, policy, progress, loaded, &store).await;
+    lock.release().await;
+    outcome
+}
+
+/// [`sync`] once this source's lock is held.
+async fn sync_locked(
+    source: &GitSource,
+    cluster: &mut Cluster,
+    target: &Target,
+    policy: &Policy,
+    progress: &dyn Progress,
+    loaded: Loaded,
+    store: &RecordStore,
+) -> Result<SyncReport, ReconcileError> {
+    let mut record = store.load().await?;
     let commit = loaded.commit().clone();
     if let Some(skipped) = refuse_by_record(&mut record, &commit, policy)? {
         let mut report = SyncReport::new(
