@@ -252,6 +252,27 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Who holds a lock: the machine (or pod) and the process.
+pub fn lock_holder(instance: &str) -> String {
+    format!("{instance} pid {}", std::process::id())
+}
+
+/// A lock left by a process of this same machine that is gone (killed mid-sync): it need not
+/// be waited out.
+fn left_by_a_dead_process(held: &str, ours: &str) -> bool {
+    let (Some((held_at, pid)), Some((our_at, _))) =
+        (held.rsplit_once(" pid "), ours.rsplit_once(" pid "))
+    else {
+        return false;
+    };
+    let proc_fs = std::path::Path::new("/proc/self").exists();
+    held_at == our_at
+        && proc_fs
+        && pid.parse::<u32>().is_ok_and(|pid| {
+            pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        })
+}
+
 /// A source's lock, as another sync holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {
@@ -405,7 +426,10 @@ impl RecordStore {
                     if let Some(held) = current.and_then(|v| Held::in_force(v, now))
                         && held.holder != holder
                     {
-                        return Ok(Err(held));
+                        if !left_by_a_dead_process(&held.holder, holder) {
+                            return Ok(Err(held));
+                        }
+                        tracing::info!(holder = %held.holder, "taking over the sync lock of a process that is gone");
                     }
                     let patch = serde_json::json!({"metadata": {
                         "resourceVersion": config_map.metadata.resource_version,
@@ -780,5 +804,21 @@ mod tests {
         );
         assert_eq!(Held::in_force("garbage", 0), None);
         assert_eq!(Held::in_force("a|b|3", 1).unwrap().holder, "a|b");
+    }
+
+    #[test]
+    fn only_a_lock_of_a_dead_process_of_this_machine_is_taken_over() {
+        let ours = lock_holder("box");
+        // Pid 1 lives; u32::MAX never does.
+        assert!(!left_by_a_dead_process("box pid 1", &ours));
+        assert!(left_by_a_dead_process(
+            &format!("box pid {}", u32::MAX),
+            &ours
+        ));
+        assert!(!left_by_a_dead_process(
+            &format!("other pid {}", u32::MAX),
+            &ours
+        ));
+        assert!(!left_by_a_dead_process("ci-runner", &ours));
     }
 }

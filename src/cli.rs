@@ -391,7 +391,16 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let connect = ConnectOptions {
         kubeconfig: cli.global.kubeconfig.clone(),
         context: cli.global.context.clone(),
-        instance: std::env::var("POD_NAME").ok().filter(|v| !v.is_empty()),
+        // Names this process in Events and in the sync lock of a source.
+        instance: ["POD_NAME", "HOSTNAME"]
+            .iter()
+            .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+            }),
         request_timeout: Some(cli.global.api_timeout),
     };
     let color = use_color(cli.global.color);
@@ -554,8 +563,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     .unwrap_or(spec)
                     .to_string()
             });
-            let rows = reconcile::history(&git, &cluster, &target, only.as_deref()).await?;
-            print_history(&rows, output)?;
+            let (rows, looked_in) =
+                reconcile::history(&git, &cluster, &target, only.as_deref()).await?;
+            print_history(&rows, &looked_in, output)?;
             Ok(exit::OK)
         }
         Command::Crd => {
@@ -1014,7 +1024,11 @@ fn short(sha: &str) -> String {
     crate::commit::short(sha)
 }
 
-fn print_history(rows: &[reconcile::Revision], output: Output) -> anyhow::Result<()> {
+fn print_history(
+    rows: &[reconcile::Revision],
+    looked_in: &reconcile::RecordNamespace,
+    output: Output,
+) -> anyhow::Result<()> {
     if output == Output::Json {
         let value = serde_json::json!({"kommit": "history/v1", "revisions": rows});
         return print(&(serde_json::to_string_pretty(&value)? + "\n"));
@@ -1052,6 +1066,7 @@ fn print_history(rows: &[reconcile::Revision], output: Output) -> anyhow::Result
     text.push_str(
         "(* the current revision; - a commit that changed the file without a new revision)\n",
     );
+    text.push_str(&format!("Record in:  {looked_in}\n"));
     print(&text)
 }
 
@@ -1086,21 +1101,7 @@ fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
 /// Where `status` read the source's record, and why there, in the words of the rule
 /// `reconcile::load_record` follows (so that a user without -n is never left guessing).
 fn record_namespace_words(target: &Target, plan: &Plan, cluster: &Cluster) -> String {
-    if let Some(ns) = &target.namespace {
-        return format!("{ns} (--namespace)");
-    }
-    match plan
-        .changes
-        .iter()
-        .filter(|c| c.action != Action::Prune)
-        .find_map(|c| c.key.namespace.as_deref())
-    {
-        Some(ns) => format!("{ns} (where the source's objects are; -n to choose)"),
-        None => format!(
-            "{} (the kubeconfig's; the source has no namespaced objects; -n to choose)",
-            cluster.default_namespace()
-        ),
-    }
+    reconcile::RecordNamespace::of(target, plan, cluster).to_string()
 }
 
 fn print_status(

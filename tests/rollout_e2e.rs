@@ -130,6 +130,13 @@ fn a_broken_commit_is_rolled_back_to_the_last_healthy_one_and_git_tells_the_stor
     );
     let history = kommit(&["history", "deploy/web", "--repo", repo.path_str()]);
     assert_eq!(history.code, 0, "{history:?}");
+    assert!(
+        history.stdout.contains(&format!(
+            "Record in:  {} (where the source's objects are; -n to choose)",
+            ns.name
+        )),
+        "says where it looked: {history:?}"
+    );
     let broken_row = history
         .stdout
         .lines()

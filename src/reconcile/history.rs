@@ -15,6 +15,57 @@ use crate::source::GitSource;
 
 const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
 
+/// Where a source's record lives, and why there (said to the user, who may have meant `-n`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordNamespace {
+    /// `--namespace`.
+    Given(String),
+    /// Where the source's first namespaced object is.
+    OfObjects(String),
+    /// The kubeconfig's: the source has no namespaced objects.
+    Default(String),
+}
+
+impl RecordNamespace {
+    pub fn of(target: &Target, plan: &Plan, cluster: &Cluster) -> Self {
+        if let Some(ns) = &target.namespace {
+            return RecordNamespace::Given(ns.clone());
+        }
+        match plan
+            .changes
+            .iter()
+            .filter(|c| c.action != Action::Prune)
+            .find_map(|c| c.key.namespace.clone())
+        {
+            Some(ns) => RecordNamespace::OfObjects(ns),
+            None => RecordNamespace::Default(cluster.default_namespace().to_string()),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            RecordNamespace::Given(ns)
+            | RecordNamespace::OfObjects(ns)
+            | RecordNamespace::Default(ns) => ns,
+        }
+    }
+}
+
+impl std::fmt::Display for RecordNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordNamespace::Given(ns) => write!(f, "{ns} (--namespace)"),
+            RecordNamespace::OfObjects(ns) => {
+                write!(f, "{ns} (where the source's objects are; -n to choose)")
+            }
+            RecordNamespace::Default(ns) => write!(
+                f,
+                "{ns} (the kubeconfig's; the source has no namespaced objects; -n to choose)"
+            ),
+        }
+    }
+}
+
 /// The record of a source, if kommit has synced it into this cluster.
 pub async fn load_record(
     source: &GitSource,
@@ -22,18 +73,9 @@ pub async fn load_record(
     target: &Target,
     plan: &Plan,
 ) -> Result<Record, ReconcileError> {
-    let namespace = target
-        .namespace
-        .clone()
-        .or_else(|| {
-            plan.changes
-                .iter()
-                .filter(|c| c.action != Action::Prune)
-                .find_map(|c| c.key.namespace.clone())
-        })
-        .unwrap_or_else(|| cluster.default_namespace().to_string());
+    let namespace = RecordNamespace::of(target, plan, cluster);
     Ok(
-        RecordStore::new(cluster, &namespace, &inventory_id(source, target))
+        RecordStore::new(cluster, namespace.name(), &inventory_id(source, target))
             .load()
             .await?,
     )
@@ -63,9 +105,10 @@ pub async fn history(
     cluster: &Cluster,
     target: &Target,
     only: Option<&str>,
-) -> Result<Vec<Revision>, ReconcileError> {
+) -> Result<(Vec<Revision>, RecordNamespace), ReconcileError> {
     let prepared = prepare(source, cluster, target, &Policy::default()).await?;
     let record = load_record(source, cluster, target, &prepared.plan).await?;
+    let looked_in = RecordNamespace::of(target, &prepared.plan, cluster);
     let deployments_rt = cluster.resolve("apps/v1", "Deployment")?;
     let replica_sets_rt = cluster.resolve("apps/v1", "ReplicaSet")?;
     let commit = prepared.plan.source.commit.clone();
@@ -181,7 +224,7 @@ pub async fn history(
         revisions.sort_by(|a, b| b.time.cmp(&a.time).then(b.revision.cmp(&a.revision)));
         rows.extend(revisions);
     }
-    Ok(rows)
+    Ok((rows, looked_in))
 }
 
 fn owned_by(item: &Value, uid: Option<&str>) -> bool {

@@ -26,7 +26,7 @@ mod record;
 pub mod wait;
 pub mod watch;
 
-pub use history::{Revision, history, load_record};
+pub use history::{RecordNamespace, Revision, history, load_record};
 pub use inventory::inventory_id;
 pub use load::{Loaded, load};
 pub use wait::{ObjectHealth, Progress, Quiet, WaitOptions, WaitOutcome, Watched};
@@ -282,11 +282,7 @@ pub async fn sync(
     }
     // One sync of a source at a time, whoever runs it (two CLIs, a CLI and the operator): from
     // planning to the record, nobody else writes for this source.
-    let holder = format!(
-        "{} (pid {})",
-        cluster.instance().unwrap_or("kommit"),
-        std::process::id()
-    );
+    let holder = audit::lock_holder(cluster.instance().unwrap_or("kommit"));
     let lock = store.lock(&holder).await?.map_err(ReconcileError::Busy)?;
     let outcome = sync_locked(source, cluster, target, policy, progress, loaded, &store).await;
     lock.release().await;
@@ -754,18 +750,8 @@ pub async fn rollback_to(
     {
         entry.reason = Some("kommit rollback --to: the cluster is pinned to this commit".into());
     }
-    let namespace = target
-        .namespace
-        .clone()
-        .or_else(|| {
-            report
-                .plan
-                .changes
-                .iter()
-                .find_map(|c| c.key.namespace.clone())
-        })
-        .unwrap_or_else(|| cluster.default_namespace().to_string());
-    RecordStore::new(cluster, &namespace, &inventory_id(source, target))
+    let namespace = RecordNamespace::of(target, &report.plan, cluster);
+    RecordStore::new(cluster, namespace.name(), &inventory_id(source, target))
         .save(&record)
         .await?;
     Ok(report)
