@@ -83,6 +83,11 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Pull requests: the report kommit gives on one, from any CI
+    Pr {
+        #[command(subcommand)]
+        command: PrCommand,
+    },
     /// Make the cluster match the commit (exit 0 when it does)
     Sync {
         #[command(flatten)]
@@ -302,6 +307,27 @@ pub struct SourceArgs {
     pub namespace: Option<String>,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum PrCommand {
+    /// What a pull request changes, and what merging it would apply to the live cluster
+    /// (exit 0: nothing, 1: changes, 2: error); `-o markdown` fits a comment
+    Diff {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// The branch the pull request goes into
+        #[arg(long, value_name = "REV", default_value = "main")]
+        base: String,
+        /// The pull request's head (a branch, `refs/pull/N/head`, a SHA)
+        #[arg(long, value_name = "REV")]
+        head: String,
+        /// Also show what merging would prune (objects the head no longer has)
+        #[arg(long)]
+        prune: bool,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Text,
@@ -420,6 +446,36 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 reconcile::sync(&git, &mut cluster, &target, &policy, &reconcile::Quiet).await?;
             print_plan(&report.plan, output, color)?;
             Ok(if report.plan.summary().has_changes() {
+                exit::CHANGES
+            } else {
+                exit::OK
+            })
+        }
+        Command::Pr {
+            command:
+                PrCommand::Diff {
+                    source,
+                    base,
+                    head,
+                    prune,
+                    output,
+                },
+        } => {
+            let (git, cluster, target) = open(&source, &connect).await?;
+            let policy = Policy {
+                prune,
+                ..Policy::default()
+            };
+            let review = reconcile::review(&git, &cluster, &target, &base, &head, &policy).await?;
+            let text = match output {
+                Output::Text => plan::review::render_text(&review, color),
+                Output::Json => plan::review::render_json(&review),
+                Output::Markdown => {
+                    plan::review::render_markdown(&review, plan::review::COMMENT_LIMIT)
+                }
+            };
+            print(&text)?;
+            Ok(if review.has_changes() {
                 exit::CHANGES
             } else {
                 exit::OK

@@ -3,6 +3,7 @@
 
 pub mod decide;
 mod render;
+pub mod review;
 
 use serde::Serialize;
 use serde_json::{Map, Value};

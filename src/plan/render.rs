@@ -8,7 +8,7 @@ use crate::object::apply_tier;
 
 /// The changes that write, in the order a sync makes them: by tier (what others depend on
 /// first, file order within a tier), then prunes in reverse tier order.
-fn in_apply_order(plan: &Plan) -> Vec<&Change> {
+pub(crate) fn in_apply_order(plan: &Plan) -> Vec<&Change> {
     let tier = |c: &Change| apply_tier(&c.key.group, &c.key.kind);
     let mut writes: Vec<&Change> = plan
         .changes

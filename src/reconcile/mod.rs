@@ -512,6 +512,46 @@ fn refuse_by_record(
     Ok(None)
 }
 
+/// A pull request's report: what its head changes against its base (manifests against
+/// manifests), and what merging it would apply to the live cluster (the head planned against
+/// this source's objects, as `kommit diff` plans it). Nothing is written.
+pub async fn review(
+    source: &GitSource,
+    cluster: &Cluster,
+    target: &Target,
+    base: &str,
+    head: &str,
+    policy: &Policy,
+) -> Result<crate::plan::review::Review, ReconcileError> {
+    let at = |rev: &str| Target {
+        rev: Some(rev.to_string()),
+        ..target.clone()
+    };
+    let base_loaded = load(source, cluster, &at(base)).await?;
+    let head_loaded = load(source, cluster, &at(head)).await?;
+    let changes =
+        crate::plan::review::changes_between(&base_loaded.desired, &head_loaded.desired, "base");
+    let record = RecordStore::new(
+        cluster,
+        &head_loaded.record_namespace(target, cluster),
+        head_loaded.inventory(),
+    )
+    .load()
+    .await?;
+    let head_source = head_loaded.source.clone();
+    let policy = Policy {
+        dry_run: true,
+        ..policy.clone()
+    };
+    let live = plan_loaded(cluster, head_loaded, &policy, record.owned.as_ref()).await?;
+    Ok(crate::plan::review::Review {
+        base: base_loaded.source,
+        head: head_source,
+        changes,
+        live: live.plan,
+    })
+}
+
 /// Reads the commit and plans it against the cluster. Nothing is written.
 pub async fn prepare(
     source: &GitSource,
