@@ -298,13 +298,18 @@ pub struct SourceLock {
     api: Api<ConfigMap>,
     name: String,
     holder: String,
-    renewal: tokio::task::JoinHandle<()>,
+    /// `None` when there was nowhere to put the lock yet: the record's namespace is one the
+    /// commit creates, so no sync of this source has happened there.
+    renewal: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl SourceLock {
     /// Frees the source for the next sync (best effort: unreleased, it expires by itself).
     pub async fn release(self) {
-        self.renewal.abort();
+        let Some(renewal) = self.renewal else {
+            return;
+        };
+        renewal.abort();
         let Ok(Some(config_map)) = self.api.get_opt(&self.name).await else {
             return;
         };
@@ -464,7 +469,17 @@ impl RecordStore {
                         api: self.api.clone(),
                         name: self.name.clone(),
                         holder: holder.to_string(),
-                        renewal,
+                        renewal: Some(renewal),
+                    }));
+                }
+                // The namespace does not exist yet (the commit creates it): nothing of this
+                // source can be there, and nowhere to write a lock.
+                Err(kube::Error::Api(status)) if status.code == 404 => {
+                    return Ok(Ok(SourceLock {
+                        api: self.api.clone(),
+                        name: self.name.clone(),
+                        holder: holder.to_string(),
+                        renewal: None,
                     }));
                 }
                 // Someone else wrote in between: look again.

@@ -549,6 +549,17 @@ fn remove_kube_prometheus() {
         "app.kubernetes.io/part-of=kube-prometheus",
         "--wait=true",
     ]);
+    // Its Roles and RoleBindings in other namespaces too.
+    for namespace in ["default", "kube-system"] {
+        let _ = kubectl(&[
+            "delete",
+            "role,rolebinding",
+            "-n",
+            namespace,
+            "-l",
+            "app.kubernetes.io/part-of=kube-prometheus",
+        ]);
+    }
     let crds = kubectl_ok(&["get", "crd", "-o", "name"]);
     for crd in crds
         .lines()
