@@ -108,13 +108,21 @@ fn watch_follows_new_commits_only_and_heals_drift() {
         jsonpath(&ns.name, "configmap/settings", "{.data.mode}") == "steady"
     });
 
+    // The heal is reported once its sync has finished (health, record, events).
+    let output = || {
+        let mut output = String::new();
+        std::fs::File::open(log.path())
+            .unwrap()
+            .read_to_string(&mut output)
+            .unwrap();
+        output
+    };
+    wait_until(Duration::from_secs(30), "the heal is reported", || {
+        output().contains("healed")
+    });
     child.kill().unwrap();
     let _ = child.wait();
-    let mut output = String::new();
-    std::fs::File::open(log.path())
-        .unwrap()
-        .read_to_string(&mut output)
-        .unwrap();
+    let output = output();
     assert!(
         output.contains("drift") && output.contains("ConfigMap"),
         "{output}"
