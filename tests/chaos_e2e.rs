@@ -116,6 +116,68 @@ fn an_api_server_that_stops_answering_mid_sync_fails_the_sync_and_a_rerun_conver
     );
 }
 
+#[test]
+fn an_api_server_restarted_mid_sync_leaves_nothing_half_done_for_good() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ns = TestNamespace::new("chaos-restart");
+    let repo = GitRepo::new();
+    for i in 0..40 {
+        repo.write(
+            &format!("deploy/web-{i:02}.yaml"),
+            &deployment(&format!("web-{i:02}")),
+        );
+    }
+    repo.commit("Forty Deployments");
+    let owned: Vec<String> = [
+        "sync",
+        "--repo",
+        repo.path_str(),
+        "--path",
+        "deploy",
+        "-n",
+        &ns.name,
+        "--no-wait",
+        "--api-timeout",
+        "5s",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let args: Vec<&str> = owned.iter().map(String::as_str).collect();
+    let (done, finished) = std::sync::mpsc::channel();
+    let background = owned.clone();
+    std::thread::spawn(move || {
+        let args: Vec<&str> = background.iter().map(String::as_str).collect();
+        let _ = done.send(kommit(&args));
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    sandbox(&["restart", "apiserver"]);
+    let run = finished
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the sync ends on its own");
+    // It either got through or says what failed; either way the next run converges.
+    assert!(run.code == 0 || run.code == 2, "{run:?}");
+    if run.code == 2 {
+        assert!(run.stderr.contains("error:"), "{run:?}");
+    }
+    let rerun = kommit(&args);
+    assert_eq!(rerun.code, 0, "{rerun:?}");
+    let names = kubectl_ok(&[
+        "get",
+        "deployments",
+        "-n",
+        &ns.name,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}{'\\n'}{end}",
+    ]);
+    assert_eq!(names.lines().count(), 40, "{names}");
+    let again = kommit(&args);
+    assert!(
+        again.stdout.contains("40 unchanged"),
+        "converged: {again:?}"
+    );
+}
+
 fn gitsync(name: &str, repo: &str) -> String {
     format!(
         "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {name}}}\nspec:\n  repo: {repo}\n  branch: main\n  path: deploy\n  interval: 10s\n"

@@ -33,6 +33,7 @@ var stageFiles embed.FS
 
 type child struct {
 	name string
+	args []string
 	cmd  *exec.Cmd
 }
 
@@ -194,14 +195,50 @@ func runSupervisor(args []string) int {
 	}
 	logf("sandbox ready after %s: kubeconfig %s", since(started), userKubeconfig)
 
-	select {
-	case sig := <-s.signals:
-		logf("received %s, stopping", sig)
-		_ = os.Remove(readyFile)
-		return 0
-	case e := <-s.exited:
-		_ = os.Remove(readyFile)
-		return fail("%s exited unexpectedly (%v); see %s", e.name, e.err, filepath.Join(logsDir, e.name+".log"))
+	// SIGUSR1 restarts the component named in the file "restart" (scripts/sandbox restart), as
+	// chaos tests need: killed, then started again with the same arguments and data.
+	restarts := make(chan os.Signal, 1)
+	signal.Notify(restarts, syscall.SIGUSR1)
+	restarting := ""
+	for {
+		select {
+		case sig := <-s.signals:
+			logf("received %s, stopping", sig)
+			_ = os.Remove(readyFile)
+			return 0
+		case <-restarts:
+			name, err := os.ReadFile(filepath.Join(state, "restart"))
+			if err != nil {
+				logf("restart: %v", err)
+				continue
+			}
+			restarting = strings.TrimSpace(string(name))
+			found := false
+			for _, c := range s.children {
+				if c.name == restarting && c.cmd.Process != nil {
+					logf("restarting %s (pid %d)", c.name, c.cmd.Process.Pid)
+					_ = c.cmd.Process.Kill()
+					found = true
+				}
+			}
+			if !found {
+				logf("restart: no component %q", restarting)
+				restarting = ""
+			}
+		case e := <-s.exited:
+			if e.name == restarting {
+				for _, c := range s.children {
+					if c.name == restarting {
+						s.start(c.name, c.args...)
+						break
+					}
+				}
+				restarting = ""
+				continue
+			}
+			_ = os.Remove(readyFile)
+			return fail("%s exited unexpectedly (%v); see %s", e.name, e.err, filepath.Join(logsDir, e.name+".log"))
+		}
 	}
 }
 
@@ -225,8 +262,17 @@ func (s *supervisor) start(name string, args ...string) {
 		return
 	}
 	logf("started %s (pid %d), log %s", name, cmd.Process.Pid, logPath)
-	c := &child{name: name, cmd: cmd}
-	s.children = append(s.children, c)
+	c := &child{name: name, args: args, cmd: cmd}
+	replaced := false
+	for i, old := range s.children {
+		if old.name == name {
+			s.children[i] = c
+			replaced = true
+		}
+	}
+	if !replaced {
+		s.children = append(s.children, c)
+	}
 	go func() {
 		err := cmd.Wait()
 		if logFile != nil {
