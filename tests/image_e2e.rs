@@ -296,7 +296,24 @@ fn the_image_runs_as_the_charts_pod_reconciles_a_gitsync_leads_and_stops_on_sigt
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shop-config\ndata:\n  greeting: hello from the image\n",
     );
     let head = repo.commit("The shop's configuration");
-    open_to_everyone(repo.path());
+    // git refuses a repository its user does not own, so the container gets a bare copy owned
+    // by the pod's user, as a repository served to the operator would be.
+    let served = tempfile::tempdir().unwrap();
+    let bare = served.path().join("shop.git");
+    repo.git(&[
+        "clone",
+        "-q",
+        "--bare",
+        repo.path_str(),
+        bare.to_str().unwrap(),
+    ]);
+    open_to_everyone(served.path());
+    let status = Command::new("chown")
+        .args(["-R", "65532:65532"])
+        .arg(&bare)
+        .status()
+        .unwrap();
+    assert!(status.success(), "chown of the served repository");
     let repo_in_container = "/srv/git/shop";
     kubectl_apply(
         &ns.name,
@@ -368,7 +385,7 @@ fn the_image_runs_as_the_charts_pod_reconciles_a_gitsync_leads_and_stops_on_sigt
         secrets.path().display()
     ));
     run.push("--volume".into());
-    run.push(format!("{}:{repo_in_container}:ro", repo.path_str()));
+    run.push(format!("{}:{repo_in_container}:ro", bare.display()));
     let mut env = vec![
         "KUBERNETES_SERVICE_HOST=127.0.0.1".to_string(),
         format!("KUBERNETES_SERVICE_PORT={api_port}"),
