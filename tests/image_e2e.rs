@@ -315,16 +315,29 @@ fn the_image_runs_as_the_charts_pod_reconciles_a_gitsync_leads_and_stops_on_sigt
         .unwrap();
     assert!(status.success(), "chown of the served repository");
     let repo_in_container = "/srv/git/shop";
+    // Tenancy is locked by default: the GitSync acts as a ServiceAccount of its namespace, which
+    // its team bound to what it may deploy.
+    kubectl_ok(&["create", "serviceaccount", "deployer", "-n", &ns.name]);
+    kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "deployer",
+        "--clusterrole=edit",
+        &format!("--serviceaccount={}:deployer", ns.name),
+        "-n",
+        &ns.name,
+    ]);
     kubectl_apply(
         &ns.name,
         &format!(
-            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: shop}}\nspec:\n  repo: file://{repo_in_container}\n  branch: main\n  path: deploy\n  interval: 5s\n  prune: true\n"
+            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: shop}}\nspec:\n  repo: file://{repo_in_container}\n  branch: main\n  path: deploy\n  interval: 5s\n  prune: true\n  serviceAccountName: deployer\n"
         ),
         &[],
     );
 
     // The container, as the Deployment's pod: its arguments (with --listen on a free port of the
-    // host network instead of the pod's own 8080), environment, emptyDirs and security context.
+    // host network instead of the pod's own 8080, and --allow-local-repos), environment,
+    // emptyDirs and security context.
     let port = free_port();
     let pod_name = format!("kommit-image-e2e-{}", std::process::id());
     let mut args = strings(&spec["args"]);
@@ -409,6 +422,9 @@ fn the_image_runs_as_the_charts_pod_reconciles_a_gitsync_leads_and_stops_on_sigt
     }
     run.push(image.clone());
     run.extend(args);
+    // The one argument beyond the chart's defaults: a file:// repository is refused unless the
+    // operator allows local repositories (operator.extraArgs in the chart).
+    run.push("--allow-local-repos".into());
     let run: Vec<&str> = run.iter().map(String::as_str).collect();
     let container = Container {
         name: podman_ok(&run).lines().last().unwrap().to_string(),
