@@ -27,7 +27,8 @@ pub mod exit {
 #[derive(Debug, Parser)]
 #[command(
     name = "kommit",
-    version,
+    // build.rs names the commit (or "unknown" when built without git).
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("KOMMIT_GIT_COMMIT"), ")"),
     about = "GitOps for Kubernetes: the cluster follows the git commit history",
     long_about = "kommit reads the Kubernetes manifests of a git commit, compares them with the \
                   live cluster without noise, and applies them by server-side apply, so that \
@@ -225,6 +226,19 @@ kommit.dev/reconcile-requested-at=\"$(date +%s)\" --overwrite` does the same by 
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Print a shell completion script, e.g. `source <(kommit completion bash)`
+    Completion {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+}
+
+/// The shells `kommit completion` writes scripts for.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -714,6 +728,20 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 concurrency,
             };
             crate::operator::run::run(cluster, options).await?;
+            Ok(exit::OK)
+        }
+        Command::Completion { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "kommit", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .context("cannot write the completion script to stdout")?;
             Ok(exit::OK)
         }
         Command::Status { source, output } => {

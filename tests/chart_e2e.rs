@@ -241,6 +241,7 @@ fn the_chart_lints_and_renders_a_locked_down_operator_with_least_privilege() {
             "ClusterRole",
             "ClusterRoleBinding",
             "Deployment",
+            "NetworkPolicy",
             "Role",
             "RoleBinding",
             "Service",
@@ -266,7 +267,11 @@ fn the_chart_lints_and_renders_a_locked_down_operator_with_least_privilege() {
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
     assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
-    assert_eq!(c["image"], "ghcr.io/kommit-dev/kommit:0.1.0");
+    // What scripts/image builds: localhost/kommit tagged with the crate's version.
+    assert_eq!(
+        c["image"],
+        format!("localhost/kommit:{}", env!("CARGO_PKG_VERSION"))
+    );
 
     // Probes on the HTTP server, which is also what the Service exposes.
     assert_eq!(c["ports"][0]["name"], "http");
@@ -673,6 +678,113 @@ fn the_rendered_chart_passes_a_server_side_dry_run_under_the_restricted_pod_secu
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn the_chart_opens_only_the_http_port_and_keeps_a_replica_through_drains() {
+    let docs = documents(&render("kommit", "kommit", &[]));
+    let policy = one(&docs, "NetworkPolicy");
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"],
+        one(&docs, "Deployment")["spec"]["selector"]["matchLabels"],
+        "the policy selects the operator's pods"
+    );
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([{"ports": [{"port": "http", "protocol": "TCP"}]}]),
+        "by default only the HTTP port is open, to any source"
+    );
+    assert!(
+        of_kind(&docs, "PodDisruptionBudget").is_empty(),
+        "no PodDisruptionBudget for a single replica (it would block every drain)"
+    );
+
+    let peers = r#"networkPolicy.ingressFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]"#;
+    let docs = documents(&render(
+        "kommit",
+        "kommit",
+        &["--set-json", peers, "--set", "replicaCount=2"],
+    ));
+    let ingress = &one(&docs, "NetworkPolicy")["spec"]["ingress"][0];
+    assert_eq!(
+        ingress["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    assert_eq!(ingress["ports"][0]["port"], "http");
+    let budget = one(&docs, "PodDisruptionBudget");
+    assert_eq!(budget["spec"]["minAvailable"], 1);
+    assert_eq!(
+        budget["spec"]["selector"]["matchLabels"],
+        one(&docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    );
+
+    let docs = documents(&render(
+        "kommit",
+        "kommit",
+        &[
+            "--set",
+            "networkPolicy.enabled=false",
+            "--set",
+            "replicaCount=3",
+            "--set",
+            "podDisruptionBudget.enabled=false",
+        ],
+    ));
+    assert!(of_kind(&docs, "NetworkPolicy").is_empty());
+    assert!(of_kind(&docs, "PodDisruptionBudget").is_empty());
+}
+
+#[test]
+fn install_yaml_is_the_chart_rendered_with_its_default_values() {
+    let path = repo_root().join("install.yaml");
+    let shipped =
+        std::fs::read_to_string(&path).expect("install.yaml exists at the repository root");
+    let shipped_docs = documents(&shipped);
+    let chart_docs = documents(&render("kommit", "kommit", &["--include-crds"]));
+    let (namespace, rest) = shipped_docs
+        .split_first()
+        .expect("install.yaml holds objects");
+    assert_eq!(
+        namespace["kind"], "Namespace",
+        "install.yaml starts with its namespace"
+    );
+    assert_eq!(namespace["metadata"]["name"], "kommit");
+    assert_eq!(
+        namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "restricted"
+    );
+    let name = |d: &Value| {
+        format!(
+            "{} {}",
+            d["kind"].as_str().unwrap_or_default(),
+            d["metadata"]["name"].as_str().unwrap_or_default()
+        )
+    };
+    assert_eq!(
+        rest.iter().map(name).collect::<Vec<_>>(),
+        chart_docs.iter().map(name).collect::<Vec<_>>(),
+        "install.yaml holds the chart's objects: run scripts/install-yaml"
+    );
+    for (shipped, rendered) in rest.iter().zip(&chart_docs) {
+        assert!(
+            shipped == rendered,
+            "{} in install.yaml differs from the chart rendered with its default values: run \
+             scripts/install-yaml",
+            name(shipped)
+        );
+    }
+    for doc in rest {
+        let kind = doc["kind"].as_str().unwrap();
+        if kind != "CustomResourceDefinition" && !kind.starts_with("Cluster") {
+            assert_eq!(
+                doc["metadata"]["namespace"], "kommit",
+                "{kind} lives in kommit"
+            );
+        }
+    }
+    // The file says how it is made, for whoever is tempted to edit it.
+    assert!(shipped.contains("scripts/install-yaml"));
 }
 
 // ---- The operator under the chart's RBAC ----
