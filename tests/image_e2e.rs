@@ -64,11 +64,12 @@ fn have(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Builds the image with `scripts/image` (the release build is cached in target/release) and
-/// returns its reference, the script's last line.
+/// Builds the image with `scripts/image` around the binary these tests run (the same image as a
+/// release, without a release build in CI) and returns its reference, the script's last line.
 fn build_image() -> String {
     let started = Instant::now();
     let out = Command::new(repo_root().join("scripts/image"))
+        .args(["--binary", env!("CARGO_BIN_EXE_kommit")])
         .stderr(Stdio::inherit())
         .output()
         .expect("scripts/image runs");
