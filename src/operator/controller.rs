@@ -727,6 +727,25 @@ fn record_report(
     Some(outcome)
 }
 
+/// The most a condition message holds (the API allows 32 KiB; a status stays readable and the
+/// GitSync object small): the rest is cut, with a pointer to the whole of it.
+const MESSAGE_LIMIT: usize = 4 * 1024;
+
+fn bounded_message(message: &str) -> String {
+    if message.len() <= MESSAGE_LIMIT {
+        return message.to_string();
+    }
+    let mut end = MESSAGE_LIMIT;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… (cut at {} KiB: the operator's log and `kommit diff` show all of it)",
+        &message[..end],
+        MESSAGE_LIMIT / 1024
+    )
+}
+
 impl GitSyncStatus {
     /// Sets a condition observed at `generation`; its transition time changes only when its
     /// status does.
@@ -740,6 +759,8 @@ impl GitSyncStatus {
     ) {
         let now = audit::now_rfc3339();
         let value = if value { "True" } else { "False" };
+        let message = bounded_message(message);
+        let message = message.as_str();
         match self
             .conditions
             .iter_mut()
@@ -798,6 +819,15 @@ async fn write_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn condition_messages_are_bounded_on_a_character_boundary() {
+        assert_eq!(bounded_message("short"), "short");
+        let long = "é".repeat(MESSAGE_LIMIT);
+        let cut = bounded_message(&long);
+        assert!(cut.len() < MESSAGE_LIMIT + 100, "{}", cut.len());
+        assert!(cut.ends_with("show all of it)"));
+    }
 
     #[test]
     fn conditions_change_their_transition_time_only_when_their_status_changes() {
