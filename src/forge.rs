@@ -8,7 +8,9 @@
 //! ([`ForgeError::Unreachable`], [`ForgeError::Timeout`]) are distinct from an empty list. The
 //! token never appears in an error or in `Debug` output.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
@@ -344,7 +346,20 @@ pub struct Forge {
     token: Token,
     timeout: Duration,
     client: HttpsClient,
+    /// GET answers by path with their ETag: asked again with `If-None-Match`, an unchanged list
+    /// costs GitHub no rate limit (Gitea sends no ETag for lists, so it is always asked anew).
+    cache: Arc<Mutex<HashMap<String, Cached>>>,
 }
+
+#[derive(Clone)]
+struct Cached {
+    etag: HeaderValue,
+    body: Bytes,
+    link: Option<String>,
+}
+
+/// Entries kept in the ETag cache before it starts over (a GitSync polls a handful of paths).
+const MAX_CACHED: usize = 256;
 
 impl fmt::Debug for Forge {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -391,6 +406,7 @@ impl Forge {
             token: Token(token.trim().to_string()),
             timeout: DEFAULT_TIMEOUT,
             client,
+            cache: Arc::default(),
         })
     }
 
@@ -660,6 +676,14 @@ impl Forge {
         if body.is_some() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
+        let cached = if method == Method::GET {
+            self.cache.lock().expect("cache lock").get(path).cloned()
+        } else {
+            None
+        };
+        if let Some(c) = &cached {
+            req = req.header(header::IF_NONE_MATCH, c.etag.clone());
+        }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ForgeError::Config(format!("cannot make a request for {uri}: {e}")))?;
@@ -670,6 +694,7 @@ impl Forge {
                 .await
                 .map_err(|e| unreachable(error_chain(&e)))?;
             let status = resp.status();
+            let etag = resp.headers().get(header::ETAG).cloned();
             let link = resp
                 .headers()
                 .get(header::LINK)
@@ -680,9 +705,9 @@ impl Forge {
                 .await
                 .map_err(|e| unreachable(format!("reading the answer: {e}")))?
                 .to_bytes();
-            Ok::<_, ForgeError>((status, link, bytes))
+            Ok::<_, ForgeError>((status, etag, link, bytes))
         };
-        let (status, link, bytes) = tokio::time::timeout(self.timeout, exchange)
+        let (status, etag, link, bytes) = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| ForgeError::Timeout {
                 provider: self.provider,
@@ -690,6 +715,11 @@ impl Forge {
                 path: path.to_string(),
                 after: self.timeout,
             })??;
+        if status == hyper::StatusCode::NOT_MODIFIED
+            && let Some(c) = cached
+        {
+            return Ok((c.body, c.link));
+        }
         if !status.is_success() {
             return Err(ForgeError::Api {
                 provider: self.provider,
@@ -698,6 +728,22 @@ impl Forge {
                 status: status.as_u16(),
                 message: api_message(&bytes),
             });
+        }
+        if method == Method::GET
+            && let Some(etag) = etag
+        {
+            let mut cache = self.cache.lock().expect("cache lock");
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+            cache.insert(
+                path.to_string(),
+                Cached {
+                    etag,
+                    body: bytes.clone(),
+                    link: link.clone(),
+                },
+            );
         }
         Ok((bytes, link))
     }
@@ -1060,6 +1106,121 @@ mod tests {
             "http://127.0.0.1:3000/api/v1"
         );
         assert!(api_url_for(Provider::Gitea, "git@host:o/r.git").is_err());
+    }
+
+    /// A GitHub-shaped server on loopback: pulls over two pages linked by `Link`, an ETag that
+    /// turns a repeated list into a 304, and statuses listed newest first.
+    async fn github_like() -> (String, Arc<Mutex<Vec<String>>>) {
+        use axum::extract::State;
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
+        use axum::routing::get;
+
+        type Seen = Arc<Mutex<Vec<String>>>;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let seen: Seen = Arc::default();
+        let pulls = {
+            let base = base.clone();
+            move |State(seen): State<Seen>, uri: axum::http::Uri, headers: HeaderMap| async move {
+                let page = uri
+                    .query()
+                    .unwrap_or("")
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("page="))
+                    .unwrap_or("")
+                    .to_string();
+                let inm = headers
+                    .get("if-none-match")
+                    .map(|v| v.to_str().unwrap().to_string());
+                seen.lock().unwrap().push(format!(
+                    "pulls page={page} auth={} inm={inm:?}",
+                    headers.get("authorization").is_some()
+                ));
+                let etag = format!("\"p{page}\"");
+                if inm.as_deref() == Some(etag.as_str()) {
+                    return StatusCode::NOT_MODIFIED.into_response();
+                }
+                let mut pull: serde_json::Value = serde_json::from_str(GITHUB_PULL).unwrap();
+                let body = if page == "1" {
+                    pull["base"]["ref"] = "main".into();
+                    let link = format!(
+                        "<{base}/repos/o/r/pulls?state=open&page=2>; rel=\"next\", <{base}/repos/o/r/pulls?state=open&page=2>; rel=\"last\""
+                    );
+                    return (
+                        [("etag", etag), ("link", link)],
+                        axum::Json(serde_json::json!([pull])),
+                    )
+                        .into_response();
+                } else {
+                    // Another base (the server ignores `base`, as Gitea does): filtered out.
+                    pull["number"] = 7.into();
+                    serde_json::json!([pull])
+                };
+                ([("etag", etag)], axum::Json(body)).into_response()
+            }
+        };
+        let statuses = |State(seen): State<Seen>| async move {
+            seen.lock().unwrap().push("statuses".into());
+            axum::Json(serde_json::json!([
+                {"id": 2, "state": "failure", "context": "kommit/diff", "description": "newer"},
+                {"id": 1, "state": "success", "context": "kommit/diff", "description": "older"}
+            ]))
+        };
+        let unauthorized = || async {
+            (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(serde_json::json!({"message": "Bad credentials",
+                    "documentation_url": "https://docs.github.com/rest"})),
+            )
+        };
+        let app = axum::Router::new()
+            .route("/repos/o/r/pulls", get(pulls))
+            .route("/repos/o/r/commits/{sha}/statuses", get(statuses))
+            .route("/repos/o/private/pulls", get(unauthorized))
+            .with_state(seen.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (base, seen)
+    }
+
+    #[tokio::test]
+    async fn github_pages_etags_and_status_order() {
+        let (base, seen) = github_like().await;
+        let forge = Forge::new(Provider::GitHub, &base, "s3cr3t-t0ken").unwrap();
+        let repo = Repo::new("o", "r");
+        let first = forge.open_pull_requests(&repo, "main").await.unwrap();
+        assert_eq!(
+            first.iter().map(|p| p.number).collect::<Vec<_>>(),
+            vec![1347]
+        );
+        let again = forge.open_pull_requests(&repo, "main").await.unwrap();
+        assert_eq!(again, first, "a 304 answers with the cached list");
+        let seen_now = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen_now,
+            vec![
+                "pulls page=1 auth=true inm=None",
+                "pulls page=2 auth=true inm=None",
+                "pulls page=1 auth=true inm=Some(\"\\\"p1\\\"\")",
+                "pulls page=2 auth=true inm=Some(\"\\\"p2\\\"\")",
+            ]
+        );
+
+        let newest = forge
+            .status(&repo, "abc", "kommit/diff")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(newest.state, StatusState::Failure);
+        assert_eq!(newest.description, "newer");
+
+        let err = forge
+            .open_pull_requests(&Repo::new("o", "private"), "main")
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(401), "{err}");
+        assert!(err.to_string().contains("Bad credentials"), "{err}");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
     }
 
     #[test]
