@@ -309,6 +309,43 @@ impl PullRequestAction {
     }
 }
 
+/// A `pull_request` webhook delivery, as GitHub and Gitea send it (same shape, different action
+/// spellings). The HMAC check is the caller's, before this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullRequestEvent {
+    pub action: PullRequestAction,
+    /// `owner/name` of the repository the pull request is against.
+    pub repository: String,
+    /// Who caused the event: kommit's own comments and statuses come back as events too.
+    pub sender: String,
+    pub pull_request: PullRequest,
+}
+
+impl PullRequestEvent {
+    /// Parses a delivery's body; a body of another shape is an error naming what is missing.
+    pub fn parse(provider: Provider, body: &[u8]) -> Result<PullRequestEvent, ForgeError> {
+        #[derive(Deserialize)]
+        struct Raw {
+            action: String,
+            pull_request: RawPull,
+            repository: RawRepo,
+            sender: Option<RawUser>,
+        }
+        let raw: Raw = serde_json::from_slice(body).map_err(|e| ForgeError::Decode {
+            provider,
+            method: Method::POST,
+            path: "(pull_request webhook)".into(),
+            cause: e.to_string(),
+        })?;
+        Ok(PullRequestEvent {
+            action: PullRequestAction::parse(&raw.action),
+            repository: raw.repository.full_name,
+            sender: raw.sender.map(|u| u.login).unwrap_or_default(),
+            pull_request: PullRequest::from(raw.pull_request),
+        })
+    }
+}
+
 /// The hidden line that identifies kommit's comment for one GitSync on a pull request.
 pub fn comment_marker(key: &str) -> String {
     // A `>` in the key could end the HTML comment early and show the rest.
@@ -1027,6 +1064,33 @@ mod tests {
             PullRequestAction::parse("assigned"),
             PullRequestAction::Other("assigned".into())
         );
+    }
+
+    #[test]
+    fn webhook_deliveries_parse_for_both_providers() {
+        let pull: serde_json::Value = serde_json::from_str(GITHUB_PULL).unwrap();
+        for (provider, action) in [
+            (Provider::GitHub, "synchronize"),
+            (Provider::Gitea, "synchronized"),
+        ] {
+            let body = serde_json::json!({
+                "action": action, "number": 1347, "pull_request": pull,
+                "repository": {"id": 1296269, "full_name": "octocat/Hello-World"},
+                "sender": {"login": "octocat"}
+            });
+            let event = PullRequestEvent::parse(provider, body.to_string().as_bytes()).unwrap();
+            assert_eq!(event.action, PullRequestAction::Synchronize, "{provider}");
+            assert_eq!(event.repository, "octocat/Hello-World");
+            assert_eq!(event.sender, "octocat");
+            assert_eq!(event.pull_request.number, 1347);
+            assert_eq!(
+                event.pull_request.head_sha,
+                "6dcb09b5b57875f334f61aebed695e2e4193db5e"
+            );
+        }
+        let err =
+            PullRequestEvent::parse(Provider::GitHub, br#"{"action": "opened"}"#).unwrap_err();
+        assert!(err.to_string().contains("pull_request"), "{err}");
     }
 
     #[test]
