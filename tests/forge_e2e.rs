@@ -397,3 +397,96 @@ async fn forge_errors_are_typed_never_empty_lists() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn a_push_to_a_pull_request_is_a_synchronize_event() {
+    use axum::body::Bytes;
+    use axum::routing::post;
+    use kommit::forge::{PullRequestAction, PullRequestEvent};
+
+    let env = forge();
+    let name = unique("forge-hook");
+    let owner = env.user.clone();
+    let full = format!("{owner}/{name}");
+    api_ok(
+        &env,
+        "POST",
+        "/user/repos",
+        Some(&json!({"name": name, "auto_init": true, "default_branch": "main"})),
+        None,
+        &[201],
+    );
+    commit_file(&env, &full, "main", "topic", "a.yaml", "a: 1\n", None);
+    let pr = api_ok(
+        &env,
+        "POST",
+        &format!("/repos/{full}/pulls"),
+        Some(&json!({"head": "topic", "base": "main", "title": "topic"})),
+        None,
+        &[201],
+    );
+    let number = pr["number"].as_u64().unwrap();
+
+    // A receiver on loopback (the forge allows loopback deliveries), then the hook.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |body: Bytes| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(body);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    api_ok(
+        &env,
+        "POST",
+        &format!("/repos/{full}/hooks"),
+        Some(
+            &json!({"type": "gitea", "active": true, "events": ["pull_request"],
+                     "config": {"url": hook_url, "content_type": "json", "secret": "s"}}),
+        ),
+        None,
+        &[201],
+    );
+
+    // A new commit on the PR's branch.
+    let body = json!({
+        "content": base64::engine::general_purpose::STANDARD.encode("b: 2\n"),
+        "message": "add b.yaml",
+        "branch": "topic",
+    });
+    let pushed = api_ok(
+        &env,
+        "POST",
+        &format!("/repos/{full}/contents/b.yaml"),
+        Some(&body),
+        None,
+        &[201],
+    );
+    let new_sha = pushed["commit"]["sha"].as_str().unwrap().to_string();
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        let delivery = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no synchronize delivery within 60 s; got {seen:#?}"))
+            .expect("the receiver runs");
+        let event = PullRequestEvent::parse(Provider::Gitea, &delivery)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&delivery)));
+        if event.action == PullRequestAction::Synchronize {
+            assert_eq!(event.pull_request.number, number);
+            assert_eq!(event.pull_request.head_sha, new_sha);
+            assert_eq!(event.repository, full);
+            assert_eq!(event.sender, owner);
+            assert!(!event.pull_request.from_fork);
+            break;
+        }
+        seen.push(event);
+    }
+}
