@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cluster;
 pub mod commit;
 pub mod duration;
+pub mod forge;
 pub mod manifest;
 pub mod object;
 pub mod operator;

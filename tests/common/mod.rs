@@ -3,6 +3,7 @@
 //! and the sandbox's own `kubectl`.
 #![allow(dead_code)]
 
+pub mod forge;
 pub mod git_http;
 
 use std::path::{Path, PathBuf};
