@@ -234,6 +234,13 @@ fn one_sync_of_a_source_at_a_time() {
         &record,
         &format!("kommit.dev/sync-lock=ci-runner-7 (pid 42)|{until}"),
     ]);
+    // A sync with nothing to write takes no lock, and writes nothing, not even the record.
+    let record_version = || jsonpath(&ns.name, &record, "{.metadata.resourceVersion}");
+    let before = record_version();
+    let no_op = sync(&repo, &ns.name, &[]);
+    assert_eq!(no_op.code, 0, "{no_op:?}");
+    assert_eq!(record_version(), before, "a no-op sync writes nothing");
+
     repo.write("deploy/app.yaml", &config_map("app", "v2"));
     repo.commit("App v2");
     let refused = sync(&repo, &ns.name, &[]);

@@ -280,17 +280,57 @@ pub async fn sync(
         report.drift = prepared.drift;
         return Ok(report);
     }
-    // One sync of a source at a time, whoever runs it (two CLIs, a CLI and the operator): from
-    // planning to the record, nobody else writes for this source.
-    let holder = audit::lock_holder(cluster.instance().unwrap_or("kommit"));
-    let lock = store.lock(&holder).await?.map_err(ReconcileError::Busy)?;
-    let outcome = sync_locked(source, cluster, target, policy, progress, loaded, &store).await;
-    lock.release().await;
+    // One sync of a source at a time, whoever runs it (two CLIs, a CLI and the operator): the
+    // lock is taken before the first write and held until the record is written; a sync with
+    // nothing to write takes none, so a no-op sync writes nothing at all.
+    let mut lock = SyncLock {
+        holder: audit::lock_holder(cluster.instance().unwrap_or("kommit")),
+        held: None,
+    };
+    let outcome = sync_loaded(
+        source, cluster, target, policy, progress, loaded, &store, &mut lock,
+    )
+    .await;
+    if let Some(held) = lock.held {
+        held.release().await;
+    }
     outcome
 }
 
-/// [`sync`] once this source's lock is held.
-async fn sync_locked(
+/// This sync's claim on its source, taken only once it is about to write.
+struct SyncLock {
+    holder: String,
+    held: Option<audit::SourceLock>,
+}
+
+impl SyncLock {
+    /// Takes the lock if not yet held; then reads the record again, as the sync that held it
+    /// before may have changed it.
+    async fn before_writing(
+        &mut self,
+        store: &RecordStore,
+        record: &mut audit::Record,
+        policy: &Policy,
+    ) -> Result<(), ReconcileError> {
+        if self.held.is_some() {
+            return Ok(());
+        }
+        let held = store
+            .lock(&self.holder)
+            .await?
+            .map_err(ReconcileError::Busy)?;
+        self.held = Some(held);
+        *record = store.load().await?;
+        if policy.unpin {
+            record.pinned = None;
+        }
+        Ok(())
+    }
+}
+
+/// [`sync`] after loading the commit.
+#[allow(clippy::too_many_arguments)]
+async fn sync_loaded(
     source: &GitSource,
     cluster: &mut Cluster,
     target: &Target,
@@ -298,6 +338,7 @@ async fn sync_locked(
     progress: &dyn Progress,
     loaded: Loaded,
     store: &RecordStore,
+    lock: &mut SyncLock,
 ) -> Result<SyncReport, ReconcileError> {
     let mut record = store.load().await?;
     let commit = loaded.commit().clone();
@@ -313,6 +354,9 @@ async fn sync_locked(
         return Ok(report);
     }
     let prepared = plan_loaded(cluster, loaded, policy, record.owned.as_ref()).await?;
+    if prepared.steps.iter().any(|s| s.action.writes()) {
+        lock.before_writing(store, &mut record, policy).await?;
+    }
     let owned_before = record.owned.clone();
     let applied = match apply_prepared(source, cluster, &prepared, policy, &mut record).await {
         Ok(applied) => applied,
@@ -392,6 +436,7 @@ async fn sync_locked(
     report.rollout = Some(outcome.clone());
     match healthy_before {
         Some(previous) if policy.auto_rollback => {
+            lock.before_writing(store, &mut record, policy).await?;
             let (to, back_outcome) = roll_back(
                 source,
                 cluster,
