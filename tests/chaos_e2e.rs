@@ -42,36 +42,88 @@ fn deployment(name: &str) -> String {
     )
 }
 
+/// Forty Deployments to sync, and the arguments that sync them with a short API timeout.
+struct Forty {
+    ns: TestNamespace,
+    _repo: GitRepo,
+    args: Vec<String>,
+}
+
+impl Forty {
+    fn new(test: &str) -> Self {
+        let ns = TestNamespace::new(test);
+        let repo = GitRepo::new();
+        for i in 0..40 {
+            repo.write(
+                &format!("deploy/web-{i:02}.yaml"),
+                &deployment(&format!("web-{i:02}")),
+            );
+        }
+        repo.commit("Forty Deployments");
+        let args = [
+            "sync",
+            "--repo",
+            repo.path_str(),
+            "--path",
+            "deploy",
+            "-n",
+            &ns.name,
+            "--no-wait",
+            "--api-timeout",
+            "5s",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        Forty {
+            ns,
+            _repo: repo,
+            args,
+        }
+    }
+
+    fn sync(&self) -> Run {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        kommit(&args)
+    }
+
+    /// The sync, started on its own thread; its outcome arrives on the receiver.
+    fn sync_in_background(&self) -> std::sync::mpsc::Receiver<Run> {
+        let (done, finished) = std::sync::mpsc::channel();
+        let args = self.args.clone();
+        std::thread::spawn(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let _ = done.send(kommit(&args));
+        });
+        finished
+    }
+
+    /// A run again converges: all forty there, once each, and a further run changes nothing.
+    fn converges(&self) {
+        let rerun = self.sync();
+        assert_eq!(rerun.code, 0, "{rerun:?}");
+        let names = kubectl_ok(&[
+            "get",
+            "deployments",
+            "-n",
+            &self.ns.name,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}{'\\n'}{end}",
+        ]);
+        assert_eq!(names.lines().count(), 40, "{names}");
+        let again = self.sync();
+        assert!(
+            again.stdout.contains("40 unchanged"),
+            "converged: {again:?}"
+        );
+    }
+}
+
 #[test]
 fn an_api_server_that_stops_answering_mid_sync_fails_the_sync_and_a_rerun_converges() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let ns = TestNamespace::new("chaos-api");
-    let repo = GitRepo::new();
-    for i in 0..40 {
-        repo.write(
-            &format!("deploy/web-{i:02}.yaml"),
-            &deployment(&format!("web-{i:02}")),
-        );
-    }
-    repo.commit("Forty Deployments");
-    let args = [
-        "sync",
-        "--repo",
-        repo.path_str(),
-        "--path",
-        "deploy",
-        "-n",
-        &ns.name,
-        "--no-wait",
-        "--api-timeout",
-        "5s",
-    ];
-    let (done, finished) = std::sync::mpsc::channel();
-    let owned: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    std::thread::spawn(move || {
-        let args: Vec<&str> = owned.iter().map(String::as_str).collect();
-        let _ = done.send(kommit(&args));
-    });
+    let forty = Forty::new("chaos-api");
+    let finished = forty.sync_in_background();
     // Hung, not dead: the process is there and the connection open, and nothing comes back.
     std::thread::sleep(Duration::from_millis(300));
     let paused = Paused::now("apiserver");
@@ -98,58 +150,14 @@ fn an_api_server_that_stops_answering_mid_sync_fails_the_sync_and_a_rerun_conver
         "the API server answers again",
         || kubectl(&["get", "--raw", "/readyz"]).status.success(),
     );
-    let rerun = kommit(&args);
-    assert_eq!(rerun.code, 0, "{rerun:?}");
-    let names = kubectl_ok(&[
-        "get",
-        "deployments",
-        "-n",
-        &ns.name,
-        "-o",
-        "jsonpath={range .items[*]}{.metadata.name}{'\\n'}{end}",
-    ]);
-    assert_eq!(names.lines().count(), 40, "{names}");
-    let again = kommit(&args);
-    assert!(
-        again.stdout.contains("40 unchanged"),
-        "converged: {again:?}"
-    );
+    forty.converges();
 }
 
 #[test]
 fn an_api_server_restarted_mid_sync_leaves_nothing_half_done_for_good() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let ns = TestNamespace::new("chaos-restart");
-    let repo = GitRepo::new();
-    for i in 0..40 {
-        repo.write(
-            &format!("deploy/web-{i:02}.yaml"),
-            &deployment(&format!("web-{i:02}")),
-        );
-    }
-    repo.commit("Forty Deployments");
-    let owned: Vec<String> = [
-        "sync",
-        "--repo",
-        repo.path_str(),
-        "--path",
-        "deploy",
-        "-n",
-        &ns.name,
-        "--no-wait",
-        "--api-timeout",
-        "5s",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    let args: Vec<&str> = owned.iter().map(String::as_str).collect();
-    let (done, finished) = std::sync::mpsc::channel();
-    let background = owned.clone();
-    std::thread::spawn(move || {
-        let args: Vec<&str> = background.iter().map(String::as_str).collect();
-        let _ = done.send(kommit(&args));
-    });
+    let forty = Forty::new("chaos-restart");
+    let finished = forty.sync_in_background();
     std::thread::sleep(Duration::from_millis(300));
     sandbox(&["restart", "apiserver"]);
     let run = finished
@@ -160,22 +168,7 @@ fn an_api_server_restarted_mid_sync_leaves_nothing_half_done_for_good() {
     if run.code == 2 {
         assert!(run.stderr.contains("error:"), "{run:?}");
     }
-    let rerun = kommit(&args);
-    assert_eq!(rerun.code, 0, "{rerun:?}");
-    let names = kubectl_ok(&[
-        "get",
-        "deployments",
-        "-n",
-        &ns.name,
-        "-o",
-        "jsonpath={range .items[*]}{.metadata.name}{'\\n'}{end}",
-    ]);
-    assert_eq!(names.lines().count(), 40, "{names}");
-    let again = kommit(&args);
-    assert!(
-        again.stdout.contains("40 unchanged"),
-        "converged: {again:?}"
-    );
+    forty.converges();
 }
 
 fn gitsync(name: &str, repo: &str) -> String {
