@@ -305,8 +305,8 @@ pub struct SourceLock {
 
 impl SourceLock {
     /// Frees the source for the next sync (best effort: unreleased, it expires by itself).
-    pub async fn release(self) {
-        let Some(renewal) = self.renewal else {
+    pub async fn release(mut self) {
+        let Some(renewal) = self.renewal.take() else {
             return;
         };
         renewal.abort();
@@ -332,6 +332,15 @@ impl SourceLock {
             .await
         {
             tracing::warn!(error = %e, record = %self.name, "could not release the sync lock; it expires by itself");
+        }
+    }
+}
+
+/// A sync cut short (its future dropped) stops renewing: the lock then expires by itself.
+impl Drop for SourceLock {
+    fn drop(&mut self) {
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
         }
     }
 }
