@@ -118,8 +118,15 @@ impl std::fmt::Display for Summary {
 
 impl Plan {
     pub fn summary(&self) -> Summary {
+        Summary::of(&self.changes)
+    }
+}
+
+impl Summary {
+    /// How many of `changes` do what.
+    pub fn of(changes: &[Change]) -> Summary {
         let mut summary = Summary::default();
-        for change in &self.changes {
+        for change in changes {
             match change.action {
                 Action::Create => summary.create += 1,
                 Action::Update => summary.update += 1,

@@ -32,11 +32,7 @@ pub struct Review {
 impl Review {
     /// The changes of the pull request, as a summary.
     pub fn summary(&self) -> Summary {
-        Plan {
-            source: self.head.clone(),
-            changes: self.changes.clone(),
-        }
-        .summary()
+        Summary::of(&self.changes)
     }
 
     /// Whether the pull request changes anything, in git or in the cluster.
