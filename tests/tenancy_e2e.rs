@@ -122,6 +122,8 @@ fn a_team_admin_of_its_namespace_cannot_write_into_another_nor_bind_cluster_admi
     assert_eq!(condition(&a.name, "shop", "Synced", "reason"), "Forbidden");
     for expected in [
         format!("ConfigMap {}/precious", b.name),
+        // The file and line of the object refused.
+        "deploy/precious.yaml:1".to_string(),
         format!("ServiceAccount {}/deployer may not", a.name),
         format!("configmaps in namespace {}", b.name),
         format!(

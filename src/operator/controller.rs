@@ -25,7 +25,7 @@ use crate::audit::{self, HistoryEntry, Outcome};
 use crate::cluster::{Cluster, ClusterError, Identity};
 use crate::duration::parse_duration;
 use crate::object::FIELD_MANAGER;
-use crate::plan::Action as PlanAction;
+use crate::plan::{Action as PlanAction, ProblemKind};
 use crate::reconcile::continuous::{self, NextStep};
 use crate::reconcile::{self, Policy, ReconcileError, Target, WaitOptions, WaitOutcome};
 use crate::source::{AmbientCredentials, GitSource, is_remote, redact_url};
@@ -60,6 +60,11 @@ impl OperatorError {
 /// The condition reason of a sync that stopped before or while writing.
 fn failure_reason(error: &ReconcileError) -> Reason {
     match error {
+        ReconcileError::Invalid { problems, .. }
+            if problems.iter().any(|p| p.kind == ProblemKind::Forbidden) =>
+        {
+            Reason::Forbidden
+        }
         ReconcileError::Invalid { .. } => Reason::InvalidCommit,
         ReconcileError::Drift { .. } => Reason::Drift,
         ReconcileError::Adopt { .. } => Reason::AdoptionRefused,

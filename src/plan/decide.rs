@@ -73,6 +73,8 @@ pub enum Rejection {
     MissingNamespace(String),
     /// Validation, admission or anything else the server said no to.
     Invalid(String),
+    /// The identity the sync acts as may not read or write it (RBAC).
+    Forbidden(String),
 }
 
 /// A live object carrying this source's inventory, as prune sees it.
@@ -335,6 +337,8 @@ pub enum ProblemKind {
     Invalid,
     /// The object belongs to another kommit source.
     OtherSource,
+    /// The identity the sync acts as may not touch the object.
+    Forbidden,
 }
 
 /// One reason a commit cannot be applied, with where it comes from.
@@ -545,6 +549,9 @@ pub fn decide(
                     ),
                     Rejection::Invalid(message) => {
                         Problem::at(ProblemKind::Invalid, &d.origin, message)
+                    }
+                    Rejection::Forbidden(message) => {
+                        Problem::at(ProblemKind::Forbidden, &d.origin, message)
                     }
                 });
                 continue;
@@ -1317,5 +1324,28 @@ mod tests {
         let server_side_only = json!({"metadata": {"managedFields": [
             {"manager": "kommit", "operation": "Apply", "fieldsV1": {}}]}});
         assert_eq!(upgrade_client_side_ownership(&server_side_only), None);
+    }
+
+    #[test]
+    fn what_the_syncs_identity_may_not_touch_is_a_problem_named_with_its_file() {
+        let d = config_map("elsewhere", "1");
+        let problems = decide_one(
+            d.clone(),
+            Observation::Refused {
+                live: None,
+                rejection: Rejection::Forbidden(
+                    "ServiceAccount a/deployer may not get configmaps in namespace b".into(),
+                ),
+            },
+            Options::default(),
+        )
+        .unwrap_err();
+        assert_eq!(problems[0].kind, ProblemKind::Forbidden);
+        assert_eq!(problems[0].origin.as_ref(), Some(&d.origin));
+        assert!(
+            problems[0]
+                .to_string()
+                .starts_with("elsewhere.yaml:1: ServiceAccount")
+        );
     }
 }

@@ -76,7 +76,17 @@ async fn observe_one(
     let key = &desired.key;
     let live = match prefetched {
         Some(live) => live,
-        None => cluster.get(rt, key).await?,
+        None => match cluster.get(rt, key).await {
+            Ok(live) => live,
+            // Not this identity's to read: a problem of the commit, named with its file.
+            Err(e @ ClusterError::Forbidden { .. }) => {
+                return Ok(Observation::Refused {
+                    live: None,
+                    rejection: Rejection::Forbidden(e.to_string()),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        },
     };
     // Most objects of a commit did not change; prove it locally and spare the dry run.
     if let Some(live) = &live
@@ -116,6 +126,7 @@ fn rejection(key: &ObjectKey, error: ClusterError, absent: bool) -> Rejection {
             message,
             ..
         } => Rejection::Immutable(message),
+        e @ ClusterError::Forbidden { .. } => Rejection::Forbidden(e.to_string()),
         ClusterError::Api {
             code: 404, message, ..
         } if absent && key.namespace.is_some() => Rejection::MissingNamespace(message),
