@@ -106,10 +106,16 @@ pub fn parse_files_within(
     let mut expanded: u64 = 0;
     for file in files {
         let (mut found, mut problems) = parse_file(&file.path, &file.content);
-        expanded += found
-            .iter()
-            .map(|m| serde_json::to_vec(&m.object).map_or(0, |v| v.len() as u64))
-            .sum::<u64>();
+        // Only aliases (`*name`) make a document grow past its text; the others count as read,
+        // so a sync of ordinary files does not serialise every object to weigh it.
+        expanded += if file.content.contains(&b'*') {
+            found
+                .iter()
+                .map(|m| serde_json::to_vec(&m.object).map_or(0, |v| v.len() as u64))
+                .sum::<u64>()
+        } else {
+            file.content.len() as u64
+        };
         manifests.append(&mut found);
         errors.append(&mut problems);
         if manifests.len() > budgets.max_objects {
