@@ -944,6 +944,7 @@ async fn open(
             max_objects: args.max_objects,
             max_expanded_bytes: args.max_bytes,
         },
+        confine: false,
     };
     Ok((git, cluster, target))
 }

@@ -359,6 +359,11 @@ impl Identity {
             groups: Vec::new(),
         }
     }
+
+    /// `(namespace, name)` when this is a ServiceAccount.
+    pub fn service_account_parts(&self) -> Option<(&str, &str)> {
+        service_account_of(&self.user)
+    }
 }
 
 impl std::fmt::Display for Identity {

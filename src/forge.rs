@@ -223,6 +223,15 @@ pub struct PullRequest {
     /// The head lives in another repository than the base (or in a deleted one): its code is
     /// untrusted until approved.
     pub from_fork: bool,
+    pub state: PullState,
+}
+
+/// Whether a pull request is still open, as the forge says it (never inferred from an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullState {
+    Open,
+    Closed,
+    Merged,
 }
 
 /// What [`Forge::upsert_comment`] did.
@@ -494,6 +503,58 @@ impl Forge {
             .collect();
         pulls.sort_by_key(|p| p.number);
         Ok(pulls)
+    }
+
+    /// One pull request, whatever its state: how kommit learns that a pull request it no longer
+    /// sees in the open list was closed or merged.
+    pub async fn pull_request(&self, repo: &Repo, number: u64) -> Result<PullRequest, ForgeError> {
+        let path = format!(
+            "/repos/{}/{}/pulls/{number}",
+            seg(&repo.owner),
+            seg(&repo.name)
+        );
+        let raw: RawPull = self.get_json(&path).await?;
+        Ok(raw.into())
+    }
+
+    /// Takes `label` off a pull request (a fork's approval, when new commits were pushed after
+    /// it). A label that is not there is not an error.
+    pub async fn remove_label(
+        &self,
+        repo: &Repo,
+        number: u64,
+        label: &str,
+    ) -> Result<(), ForgeError> {
+        let path = format!(
+            "/repos/{}/{}/issues/{number}/labels/{}",
+            seg(&repo.owner),
+            seg(&repo.name),
+            seg(&self.label_identifier(repo, label).await?)
+        );
+        match self.request(Method::DELETE, &path, None).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// GitHub names a label in the path by its name, Gitea by its id.
+    async fn label_identifier(&self, repo: &Repo, label: &str) -> Result<String, ForgeError> {
+        if self.provider == Provider::GitHub {
+            return Ok(label.to_string());
+        }
+        #[derive(Deserialize)]
+        struct RawRepoLabel {
+            id: u64,
+            name: String,
+        }
+        let path = format!("/repos/{}/{}/labels", seg(&repo.owner), seg(&repo.name));
+        let labels: Vec<RawRepoLabel> = self.get_all(&path).await?;
+        Ok(labels
+            .into_iter()
+            .find(|l| l.name == label)
+            .map(|l| l.id.to_string())
+            .unwrap_or_else(|| label.to_string()))
     }
 
     /// Makes sure the pull request has exactly one comment of this token's user carrying the
@@ -864,6 +925,10 @@ struct RawPull {
     #[serde(default)]
     title: String,
     state: Option<String>,
+    #[serde(default)]
+    merged: Option<bool>,
+    #[serde(default)]
+    merged_at: Option<String>,
     user: Option<RawUser>,
     #[serde(default)]
     labels: Vec<RawLabel>,
@@ -889,6 +954,13 @@ impl From<RawPull> for PullRequest {
             base_repo,
             labels: p.labels.into_iter().map(|l| l.name).collect(),
             from_fork,
+            state: match p.state.as_deref() {
+                Some("closed") if p.merged == Some(true) || p.merged_at.is_some() => {
+                    PullState::Merged
+                }
+                Some("closed") => PullState::Closed,
+                _ => PullState::Open,
+            },
         }
     }
 }

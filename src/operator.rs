@@ -12,6 +12,7 @@ pub mod credentials;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod pull_requests;
 pub mod run;
 pub mod webhook;
 
@@ -28,6 +29,7 @@ pub mod webhook;
     printcolumn = r#"{"name":"Commit","type":"string","jsonPath":".status.lastAppliedCommitShort"}"#,
     printcolumn = r#"{"name":"Synced","type":"string","jsonPath":".status.conditions[?(@.type==\"Synced\")].status"}"#,
     printcolumn = r#"{"name":"Health","type":"string","jsonPath":".status.health"}"#,
+    printcolumn = r#"{"name":"Previews","type":"integer","jsonPath":".status.previews"}"#,
     printcolumn = r#"{"name":"Subject","type":"string","priority":1,"jsonPath":".status.lastAppliedSubject"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -91,6 +93,138 @@ pub struct GitSyncSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_bytes: Option<u64>,
+    /// Pull-request rollouts: a sticky diff comment and commit statuses for every open pull
+    /// request against the GitSync's branch, and optionally a preview namespace for each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_requests: Option<PullRequestsSpec>,
+}
+
+/// The forge whose pull requests a GitSync follows.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ForgeProvider {
+    Github,
+    Gitea,
+}
+
+impl From<ForgeProvider> for crate::forge::Provider {
+    fn from(provider: ForgeProvider) -> Self {
+        match provider {
+            ForgeProvider::Github => crate::forge::Provider::GitHub,
+            ForgeProvider::Gitea => crate::forge::Provider::Gitea,
+        }
+    }
+}
+
+/// What kommit does for the open pull requests against a GitSync's branch.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PullRequestsSpec {
+    /// `github` or `gitea`.
+    pub provider: ForgeProvider,
+    /// The forge's API (default: from the repository URL: `https://api.github.com` for
+    /// github.com, `<scheme>://<host>/api/v3` for GitHub Enterprise, `/api/v1` for Gitea).
+    #[serde(default, rename = "apiURL", skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
+    /// A Secret of this namespace whose `token` may read pull requests and write comments and
+    /// commit statuses (default: the GitSync's `secretRef`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    /// Keep one comment per pull request with what it changes and what merging would apply.
+    #[serde(default = "default_true")]
+    pub comment: bool,
+    /// Deploy each pull request's head into a namespace of its own, `<gitsync>-pr-<number>`.
+    #[serde(default)]
+    pub previews: bool,
+    /// Only pull requests carrying all of these labels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// Pull requests from forks are diffed and previewed only with this true, and only once
+    /// someone who may label the pull request added `approvalLabel`; the approval holds for the
+    /// head commit it was given on (kommit removes the label when new commits are pushed).
+    #[serde(default)]
+    pub allow_forks: bool,
+    #[serde(default = "default_approval_label")]
+    pub approval_label: String,
+    /// A preview without a new push for this long is removed (e.g. `72h`).
+    #[serde(default = "default_preview_ttl")]
+    pub ttl: String,
+    /// The most previews at once; the oldest pull requests get them.
+    #[serde(default = "default_max_previews")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_previews: u32,
+    /// The ResourceQuota of each preview namespace (`spec.hard`), e.g. `{pods: "20"}`.
+    #[serde(default = "default_preview_quota")]
+    pub quota: std::collections::BTreeMap<String, String>,
+    /// Container defaults of each preview namespace's LimitRange (requests and limits).
+    #[serde(default)]
+    pub container_defaults: ContainerDefaults,
+    /// The ClusterRole the GitSync's ServiceAccount is bound to in its preview namespaces (and
+    /// only there); the operator needs the `bind` verb on it.
+    #[serde(default = "default_preview_role")]
+    pub preview_role: String,
+}
+
+/// The LimitRange defaults of a preview namespace's containers.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerDefaults {
+    #[serde(default = "default_request_cpu")]
+    pub request_cpu: String,
+    #[serde(default = "default_request_memory")]
+    pub request_memory: String,
+    #[serde(default = "default_limit_cpu")]
+    pub limit_cpu: String,
+    #[serde(default = "default_limit_memory")]
+    pub limit_memory: String,
+}
+
+impl Default for ContainerDefaults {
+    fn default() -> Self {
+        ContainerDefaults {
+            request_cpu: default_request_cpu(),
+            request_memory: default_request_memory(),
+            limit_cpu: default_limit_cpu(),
+            limit_memory: default_limit_memory(),
+        }
+    }
+}
+
+fn default_preview_role() -> String {
+    "edit".into()
+}
+fn default_approval_label() -> String {
+    "kommit/preview".into()
+}
+fn default_preview_ttl() -> String {
+    "72h".into()
+}
+fn default_max_previews() -> u32 {
+    10
+}
+fn default_preview_quota() -> std::collections::BTreeMap<String, String> {
+    [
+        ("pods", "20"),
+        ("requests.cpu", "2"),
+        ("requests.memory", "4Gi"),
+        ("limits.cpu", "4"),
+        ("limits.memory", "8Gi"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+fn default_request_cpu() -> String {
+    "50m".into()
+}
+fn default_request_memory() -> String {
+    "64Mi".into()
+}
+fn default_limit_cpu() -> String {
+    "500m".into()
+}
+fn default_limit_memory() -> String {
+    "512Mi".into()
 }
 
 fn default_interval() -> String {
@@ -248,6 +382,46 @@ pub struct GitSyncStatus {
     /// The last `kommit.dev/reconcile-requested-at` annotation (set by webhooks) acted upon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_reconcile_at: Option<String>,
+    /// How many pull requests have a preview namespace now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previews: Option<u32>,
+    /// The open pull requests kommit follows (bounded), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pull_requests: Vec<PullRequestStatus>,
+    /// Why the pull requests could not be read or answered, if they could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_requests_error: Option<String>,
+}
+
+/// What kommit did for one pull request.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PullRequestStatus {
+    pub number: u64,
+    /// The head commit the comment and statuses are about.
+    pub head_sha: String,
+    /// The base commit the comment compared against.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub base_sha: String,
+    /// The preview namespace, while there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Of the preview: Progressing, Healthy, Degraded, Refused; or Waiting (a fork not yet
+    /// approved), Expired (idle past the ttl), NoPreview (over maxPreviews or previews off).
+    #[serde(default)]
+    pub health: String,
+    /// Why the preview is not healthy, or the diff failed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// The head commit a fork's approval label was seen on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_sha: Option<String>,
+    /// When kommit first saw `headSha` (RFC 3339): the ttl counts from it.
+    #[serde(default)]
+    pub last_push: String,
+    /// When kommit last updated the comment, statuses or preview (RFC 3339).
+    #[serde(default)]
+    pub last_update: String,
 }
 
 /// The CustomResourceDefinition of GitSync as YAML, generated from the Rust types.

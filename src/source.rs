@@ -319,6 +319,28 @@ impl GitSource {
 
     /// Fetches every branch and tag of the remote into the mirror (no-op for a local repository).
     pub fn fetch(&self) -> Result<(), SourceError> {
+        self.fetch_refspecs(
+            &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+            true,
+        )
+    }
+
+    /// Fetches the heads of these pull requests (`refs/pull/<n>/head`, which GitHub and Gitea
+    /// both serve from the base repository, forks included) into the mirror under the same
+    /// names. A local repository is read in place: its refs are already there.
+    pub fn fetch_pull_request_heads(&self, numbers: &[u64]) -> Result<(), SourceError> {
+        if numbers.is_empty() {
+            return Ok(());
+        }
+        let specs: Vec<String> = numbers
+            .iter()
+            .map(|n| format!("+refs/pull/{n}/head:refs/pull/{n}/head"))
+            .collect();
+        let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
+        self.fetch_refspecs(&specs, false)
+    }
+
+    fn fetch_refspecs(&self, refspecs: &[&str], whole: bool) -> Result<(), SourceError> {
         let Some(url) = &self.remote_url else {
             return Ok(());
         };
@@ -352,15 +374,18 @@ impl GitSource {
         let mut remote = repo.remote_anonymous(url).map_err(fetch_err)?;
         let mut options = git2::FetchOptions::new();
         options.remote_callbacks(callbacks);
-        options.prune(git2::FetchPrune::On);
-        options.download_tags(git2::AutotagOption::All);
+        if whole {
+            options.prune(git2::FetchPrune::On);
+            options.download_tags(git2::AutotagOption::All);
+        } else {
+            options.download_tags(git2::AutotagOption::None);
+        }
         remote
-            .fetch(
-                &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
-                Some(&mut options),
-                None,
-            )
+            .fetch(refspecs, Some(&mut options), None)
             .map_err(fetch_err)?;
+        if !whole {
+            return Ok(());
+        }
         // Point HEAD at the remote's default branch so that "no --rev" means what it means there.
         if let Ok(default_branch) = remote.default_branch()
             && let Ok(name) = default_branch.as_str()
@@ -435,6 +460,14 @@ impl GitSource {
             .peel_to_commit()
             .map_err(|e| bad(format!("it does not name a commit ({})", e.message())))?;
         Ok(commit_info(&commit))
+    }
+
+    /// The branch HEAD names (for a mirror: the remote's default branch), if it names one.
+    pub fn default_branch(&self) -> Option<String> {
+        let repo = self.repo();
+        let head = repo.find_reference("HEAD").ok()?;
+        let target = head.symbolic_target().ok().flatten()?;
+        target.strip_prefix("refs/heads/").map(str::to_string)
     }
 
     /// Looks up a commit by its full SHA.

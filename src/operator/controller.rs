@@ -43,6 +43,8 @@ pub enum OperatorError {
     Credentials { message: String },
     #[error("cannot write the status of GitSync {name}: {message}")]
     Status { name: String, message: String },
+    #[error("{message}")]
+    Previews { message: String },
 }
 
 impl OperatorError {
@@ -52,7 +54,7 @@ impl OperatorError {
             OperatorError::Reconcile(e) => failure_reason(e),
             OperatorError::Source { .. } => Reason::SourceUnavailable,
             OperatorError::Credentials { .. } => Reason::CredentialsUnavailable,
-            OperatorError::Status { .. } => Reason::SyncFailed,
+            OperatorError::Status { .. } | OperatorError::Previews { .. } => Reason::SyncFailed,
         }
     }
 }
@@ -152,6 +154,9 @@ pub struct Context {
     /// How many GitSyncs are reconciled at once: one slow repository or rollout holds one slot.
     pub concurrency: u16,
     pub metrics: Arc<Metrics>,
+    /// Each GitSync's forge client, kept for its conditional-request cache: (a fingerprint of
+    /// provider, API URL and token, the client), by `namespace/name`.
+    pub forges: std::sync::Mutex<std::collections::HashMap<String, (String, crate::forge::Forge)>>,
 }
 
 /// Runs the controller until `shutdown` resolves (then lets the reconciles in flight finish);
@@ -311,6 +316,52 @@ async fn sync_gitsync(
     let api: Api<GitSync> = Api::namespaced(context.cluster.client().clone(), &namespace);
     let mut status = gitsync.status.clone().unwrap_or_default();
     let generation = gitsync.meta().generation;
+    // Previews outlive nothing: the GitSync keeps a finalizer while it may have some, and its
+    // deletion removes them first.
+    let previews = spec.pull_requests.as_ref().is_some_and(|p| p.previews);
+    if gitsync.meta().deletion_timestamp.is_some() {
+        if gitsync
+            .finalizers()
+            .iter()
+            .any(|f| f == super::pull_requests::PREVIEWS_FINALIZER)
+        {
+            let removed =
+                super::pull_requests::remove_all_previews(context, &inventory_of(gitsync))
+                    .await
+                    .map_err(|message| OperatorError::Previews { message })?;
+            tracing::info!(removed, "the GitSync is deleted: its previews are removed");
+            super::pull_requests::keep_finalizer(context, gitsync, false)
+                .await
+                .map_err(|message| OperatorError::Previews { message })?;
+        }
+        return Ok(Reconciled {
+            skipped: true,
+            action: Action::await_change(),
+            ..Reconciled::after(interval)
+        });
+    }
+    if !previews
+        && gitsync
+            .finalizers()
+            .iter()
+            .any(|f| f == super::pull_requests::PREVIEWS_FINALIZER)
+    {
+        super::pull_requests::remove_all_previews(context, &inventory_of(gitsync))
+            .await
+            .map_err(|message| OperatorError::Previews { message })?;
+        status.previews = None;
+    }
+    if super::pull_requests::keep_finalizer(context, gitsync, previews)
+        .await
+        .map_err(|message| OperatorError::Previews { message })?
+    {
+        // The finalizer write made this copy old; the next reconcile starts from the new one.
+        return Ok(Reconciled {
+            skipped: true,
+            action: Action::requeue(Duration::from_millis(100)),
+            ..Reconciled::after(interval)
+        });
+    }
     // A request (webhook or `kubectl annotate`) is handled by this very reconcile.
     if let Some(requested) = gitsync.annotations().get(REQUESTED_AT_ANNOTATION) {
         status.last_handled_reconcile_at = Some(requested.clone());
@@ -425,6 +476,7 @@ async fn sync_gitsync(
                 .unwrap_or(crate::budget::DEFAULT_MAX_OBJECTS),
             max_expanded_bytes: spec.max_bytes.unwrap_or(crate::budget::DEFAULT_MAX_BYTES),
         },
+        confine: false,
     };
     let base = Policy {
         prune: spec.prune,
@@ -467,6 +519,29 @@ async fn sync_gitsync(
         None => context.cluster.clone(),
     };
     let result = reconcile::sync(&source, &mut cluster, &target, &policy, &reconcile::Quiet).await;
+    if let Some(pull_requests) = &spec.pull_requests {
+        let inventory = inventory_of(gitsync);
+        let work = super::pull_requests::Work {
+            gitsync,
+            spec: pull_requests,
+            context,
+            source: &source,
+            cluster: &cluster,
+            target: &target,
+            base_sha: &head.sha,
+            inventory: &inventory,
+        };
+        let span = tracing::info_span!("pull_requests");
+        let looked = tracing::Instrument::instrument(
+            super::pull_requests::reconcile(&work, &mut status),
+            span,
+        )
+        .await;
+        if let Err(e) = looked {
+            tracing::warn!(error = %e, "cannot look at the pull requests; previews are kept");
+            status.pull_requests_error = Some(e.to_string());
+        }
+    }
     // The source answered: an earlier fetch failure no longer stalls the GitSync.
     status.set_condition(
         ConditionType::Stalled,

@@ -171,8 +171,9 @@ async fn receive_webhook(
         state.metrics.webhook(name, "unauthorized");
         return reply(StatusCode::UNAUTHORIZED, json!({"error": e.to_string()}));
     }
-    let (urls, git_ref) = match webhook::parse_event(provider, &headers, &body) {
-        Ok(Event::Push { urls, git_ref }) => (urls, git_ref),
+    let (urls, git_ref, pull_request) = match webhook::parse_event(provider, &headers, &body) {
+        Ok(Event::Push { urls, git_ref }) => (urls, git_ref, false),
+        Ok(Event::PullRequest { urls, base }) => (urls, format!("refs/heads/{base}"), true),
         Ok(Event::Ignored(kind)) => {
             state.metrics.webhook(name, "ignored");
             return reply(
@@ -186,7 +187,7 @@ async fn receive_webhook(
         }
     };
     let _span = tracing::info_span!("webhook", provider = name, repo = %crate::source::redact_url(&urls[0]), git_ref = %git_ref);
-    match request_reconciles(&state, &urls, &git_ref).await {
+    match request_reconciles(&state, &urls, &git_ref, pull_request).await {
         Ok(triggered) if triggered.is_empty() => {
             state.metrics.webhook(name, "ignored");
             reply(
@@ -210,11 +211,13 @@ async fn receive_webhook(
     }
 }
 
-/// Stamps every GitSync that follows the pushed ref; returns their `namespace/name`.
+/// Stamps every GitSync that follows the pushed ref (for a pull-request event: that follows
+/// pull requests against it); returns their `namespace/name`.
 async fn request_reconciles(
     state: &ServerState,
     urls: &[String],
     git_ref: &str,
+    pull_request: bool,
 ) -> Result<Vec<String>, kube::Error> {
     let all: Api<GitSync> = match &state.watch_namespace {
         Some(ns) => Api::namespaced(state.client.clone(), ns),
@@ -225,6 +228,9 @@ async fn request_reconciles(
     let mut triggered = Vec::new();
     for gitsync in gitsyncs {
         let spec = &gitsync.spec;
+        if pull_request && spec.pull_requests.is_none() {
+            continue;
+        }
         if !webhook::push_concerns(
             urls,
             git_ref,

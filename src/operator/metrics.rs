@@ -40,6 +40,14 @@ pub struct WebhookLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForgeLabels {
+    /// list, get, comment, status or label
+    pub operation: String,
+    /// ok or error
+    pub result: String,
+}
+
 /// The content type of [`Metrics::render`].
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
@@ -50,6 +58,7 @@ pub struct Metrics {
     duration: Family<GitSyncLabels, Histogram>,
     rollbacks: Family<GitSyncLabels, Counter>,
     webhooks: Family<WebhookLabels, Counter>,
+    forge_calls: Family<ForgeLabels, Counter>,
     leader: Gauge,
     synced_commits: Arc<SyncedCommits>,
 }
@@ -131,6 +140,12 @@ impl Metrics {
             "Webhook deliveries by provider and result",
             webhooks.clone(),
         );
+        let forge_calls = Family::<ForgeLabels, Counter>::default();
+        registry.register(
+            "forge_calls",
+            "Pull-request work on the forge (list, get, comment, status, label) by result",
+            forge_calls.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -146,6 +161,7 @@ impl Metrics {
             duration,
             rollbacks,
             webhooks,
+            forge_calls,
             leader,
             synced_commits,
         }
@@ -189,6 +205,16 @@ impl Metrics {
         self.duration
             .get_or_create(gitsync)
             .observe(took.as_secs_f64());
+    }
+
+    /// One piece of pull-request work on the forge and whether it succeeded.
+    pub fn forge_call(&self, operation: &str, ok: bool) {
+        self.forge_calls
+            .get_or_create(&ForgeLabels {
+                operation: operation.into(),
+                result: if ok { "ok" } else { "error" }.into(),
+            })
+            .inc();
     }
 
     pub fn rolled_back(&self, gitsync: &GitSyncLabels) {

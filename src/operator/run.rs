@@ -96,6 +96,7 @@ pub async fn run(cluster: Cluster, options: OperatorOptions) -> Result<(), RunEr
         tenancy: options.tenancy,
         concurrency: options.concurrency,
         metrics: metrics.clone(),
+        forges: Default::default(),
     });
     let outcome = match options.lease {
         None => {

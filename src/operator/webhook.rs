@@ -38,6 +38,9 @@ impl Headers for axum::http::HeaderMap {
 pub enum Event {
     /// A push of a branch or tag: the repository's URLs and the full ref (`refs/heads/main`).
     Push { urls: Vec<String>, git_ref: String },
+    /// A pull request opened, pushed to, labelled, closed…: the repository's URLs and the
+    /// branch it targets.
+    PullRequest { urls: Vec<String>, base: String },
     /// GitHub's `ping` and other events that ask for nothing.
     Ignored(String),
 }
@@ -134,7 +137,7 @@ pub fn verify(
     }
 }
 
-/// Reads the event: only pushes ask for a sync.
+/// Reads the event: pushes ask for a sync, pull-request events for a look at pull requests.
 pub fn parse_event(
     provider: Provider,
     headers: &impl Headers,
@@ -151,16 +154,37 @@ pub fn parse_event(
         Provider::GitHub | Provider::Gitea => kind == "push",
         Provider::GitLab => kind == "Push Hook" || kind == "Tag Push Hook",
     };
-    if !is_push {
+    // GitHub sends `pull_request` (opened, synchronize, labeled, closed…); Gitea the same, or a
+    // narrower `pull_request_sync` / `pull_request_label`. Reviews and comments change nothing.
+    let is_pull_request = matches!(provider, Provider::GitHub | Provider::Gitea)
+        && kind.starts_with("pull_request")
+        && !kind.contains("comment")
+        && !kind.contains("review");
+    if !is_push && !is_pull_request {
         return Ok(Event::Ignored(kind));
     }
     let payload: Value =
         serde_json::from_slice(body).map_err(|e| WebhookError::Payload(e.to_string()))?;
+    if is_pull_request {
+        let base = payload
+            .pointer("/pull_request/base/ref")
+            .and_then(Value::as_str)
+            .ok_or_else(|| WebhookError::Payload("no \"pull_request.base.ref\"".into()))?
+            .to_string();
+        let urls = repository_urls(provider, &payload)?;
+        return Ok(Event::PullRequest { urls, base });
+    }
     let git_ref = payload
         .get("ref")
         .and_then(Value::as_str)
         .ok_or_else(|| WebhookError::Payload("no \"ref\"".into()))?
         .to_string();
+    let urls = repository_urls(provider, &payload)?;
+    Ok(Event::Push { urls, git_ref })
+}
+
+/// The URLs a payload gives for its repository.
+fn repository_urls(provider: Provider, payload: &Value) -> Result<Vec<String>, WebhookError> {
     let url_fields: &[(&str, &[&str])] = match provider {
         Provider::GitHub | Provider::Gitea => &[(
             "repository",
@@ -190,7 +214,7 @@ pub fn parse_event(
     if urls.is_empty() {
         return Err(WebhookError::Payload("no repository URL".into()));
     }
-    Ok(Event::Push { urls, git_ref })
+    Ok(urls)
 }
 
 /// A repository URL reduced to what identifies the repository: `github.com/org/app` for
@@ -375,6 +399,31 @@ mod tests {
 
     fn h_push() -> H {
         headers(&[("x-github-event", "push")])
+    }
+
+    #[test]
+    fn pull_request_events_name_the_repository_and_the_base_branch() {
+        let body = br#"{"action":"synchronize","pull_request":{"number":3,"base":{"ref":"main"}},
+            "repository":{"clone_url":"https://github.com/org/app.git"}}"#;
+        let h = headers(&[("x-github-event", "pull_request")]);
+        assert_eq!(
+            parse_event(Provider::GitHub, &h, body).unwrap(),
+            Event::PullRequest {
+                urls: vec!["https://github.com/org/app.git".into()],
+                base: "main".into()
+            }
+        );
+        let sync = headers(&[("x-gitea-event", "pull_request_sync")]);
+        assert!(matches!(
+            parse_event(Provider::Gitea, &sync, body).unwrap(),
+            Event::PullRequest { .. }
+        ));
+        let comment = headers(&[("x-github-event", "pull_request_review_comment")]);
+        assert!(matches!(
+            parse_event(Provider::GitHub, &comment, body).unwrap(),
+            Event::Ignored(_)
+        ));
+        assert!(parse_event(Provider::GitHub, &h, br#"{"pull_request":{}}"#).is_err());
     }
 
     #[test]

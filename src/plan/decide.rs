@@ -339,6 +339,8 @@ pub enum ProblemKind {
     OtherSource,
     /// The identity the sync acts as may not touch the object.
     Forbidden,
+    /// An object outside the one namespace the sync is confined to (a preview).
+    OutsideNamespace,
 }
 
 /// One reason a commit cannot be applied, with where it comes from.

@@ -91,13 +91,19 @@ pub async fn load(
         drop(_span);
         cluster.refresh_discovery().await?;
     }
-    let desired =
-        resolve(cluster, manifests, &namespace, &inventory, &source_note).map_err(|problems| {
-            ReconcileError::Invalid {
-                commit: commit.short_sha().to_string(),
-                problems,
-            }
-        })?;
+    let confined_to = target.confine.then_some(namespace.as_str());
+    let desired = resolve(
+        cluster,
+        manifests,
+        &namespace,
+        confined_to,
+        &inventory,
+        &source_note,
+    )
+    .map_err(|problems| ReconcileError::Invalid {
+        commit: commit.short_sha().to_string(),
+        problems,
+    })?;
     Ok(Loaded {
         desired,
         source: PlanSource {
@@ -128,6 +134,7 @@ fn resolve(
     cluster: &Cluster,
     manifests: Vec<Manifest>,
     default_namespace: &str,
+    confined_to: Option<&str>,
     inventory: &str,
     source_note: &str,
 ) -> Result<Vec<Desired>, Vec<Problem>> {
@@ -177,6 +184,23 @@ fn resolve(
                 .unwrap_or_else(|| default_namespace.to_string())
         });
         let key = ObjectKey::new(&group, &manifest.kind, namespace.as_deref(), &manifest.name);
+        if let Some(only) = confined_to
+            && namespace.as_deref() != Some(only)
+        {
+            let where_ = match &namespace {
+                Some(other) => format!("is in namespace {other}"),
+                None => "is cluster-scoped".to_string(),
+            };
+            problems.push(Problem::at(
+                ProblemKind::OutsideNamespace,
+                &manifest.origin,
+                format!(
+                    "{key} {where_}; a preview writes only into its own namespace {only}: \
+                     leave metadata.namespace out of the manifests a preview deploys"
+                ),
+            ));
+            continue;
+        }
         if let Some(first) = seen.get(&key) {
             problems.push(Problem::at(
                 ProblemKind::Duplicate,

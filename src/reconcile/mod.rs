@@ -50,6 +50,9 @@ pub struct Target {
     pub select: crate::select::Selection,
     /// What one sync may read.
     pub budgets: crate::budget::Budgets,
+    /// Every object must be namespaced and in `namespace` (a pull request's preview): any
+    /// other is a problem of the commit, and nothing is written.
+    pub confine: bool,
 }
 
 #[derive(Debug, Clone)]

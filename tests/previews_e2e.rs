@@ -1,0 +1,483 @@
+//! Pull-request rollouts end to end: the sandbox, a real forge (Gitea) and the operator. A
+//! repository on the forge is synced to "production"; its pull requests get one comment each,
+//! kept up to date, the commit statuses `kommit/diff` and `kommit/preview`, and a preview
+//! namespace that follows their head, is confined, and goes away with them.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::forge::{ForgeEnv, api, api_ok, forge};
+use common::*;
+use serde_json::{Value, json};
+
+fn web(image: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      containers:\n      - name: web\n        image: {image}\n"
+    )
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}{}{nanos}", std::process::id())
+}
+
+/// A push of the local repository's HEAD to `branch` of `owner/name` on the forge.
+fn push(env: &ForgeEnv, repo: &GitRepo, owner: &str, name: &str, branch: &str) {
+    let (scheme, host) = env.url.split_once("://").unwrap();
+    let url = format!(
+        "{scheme}://{}:{}@{host}/{owner}/{name}.git",
+        env.user, env.token
+    );
+    repo.git(&[
+        "push",
+        "--force",
+        "-q",
+        &url,
+        &format!("HEAD:refs/heads/{branch}"),
+    ]);
+}
+
+fn open_pull_request(
+    env: &ForgeEnv,
+    full_name: &str,
+    head: &str,
+    title: &str,
+    sudo: Option<&str>,
+) -> u64 {
+    api_ok(
+        env,
+        "POST",
+        &format!("/repos/{full_name}/pulls"),
+        Some(&json!({"head": head, "base": "main", "title": title})),
+        sudo,
+        &[201],
+    )["number"]
+        .as_u64()
+        .expect("a pull request number")
+}
+
+/// The state and description of status `context` on `sha` (newest first), if any.
+fn commit_status(
+    env: &ForgeEnv,
+    full_name: &str,
+    sha: &str,
+    context: &str,
+) -> Option<(String, String)> {
+    let (code, statuses) = api(
+        env,
+        "GET",
+        &format!("/repos/{full_name}/commits/{sha}/statuses?limit=50"),
+        None,
+        None,
+    );
+    assert_eq!(code, 200, "{statuses}");
+    let mut statuses = statuses.as_array().cloned().unwrap_or_default();
+    statuses.sort_by_key(|s| std::cmp::Reverse(s["id"].as_u64().unwrap_or(0)));
+    statuses
+        .into_iter()
+        .find(|s| s["context"] == context)
+        .map(|s| {
+            let state = s["status"].as_str().or(s["state"].as_str()).unwrap_or("");
+            (
+                state.to_string(),
+                s["description"].as_str().unwrap_or("").to_string(),
+            )
+        })
+}
+
+/// kommit's comments on a pull request.
+fn kommit_comments(env: &ForgeEnv, full_name: &str, number: u64) -> Vec<String> {
+    let comments = api_ok(
+        env,
+        "GET",
+        &format!("/repos/{full_name}/issues/{number}/comments"),
+        None,
+        None,
+        &[200],
+    );
+    comments
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|c| c["body"].as_str().map(str::to_string))
+        .filter(|b| b.contains("kommit"))
+        .collect()
+}
+
+fn image_in(namespace: &str) -> String {
+    let out = kubectl(&[
+        "get",
+        "deployment",
+        "web",
+        "-n",
+        namespace,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].image}",
+    ]);
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Whether `namespace` exists and is not being deleted.
+fn namespace_lives(namespace: &str) -> bool {
+    let out = kubectl(&[
+        "get",
+        "namespace",
+        namespace,
+        "-o",
+        "jsonpath={.status.phase}",
+    ]);
+    out.status.success() && String::from_utf8_lossy(&out.stdout) == "Active"
+}
+
+/// Asks for a reconcile now (as a webhook does) instead of waiting for the interval.
+fn request_reconcile(namespace: &str, gitsync: &str) {
+    let stamp = format!(
+        "{}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    kubectl_ok(&[
+        "annotate",
+        "--overwrite",
+        "-n",
+        namespace,
+        &format!("gitsync/{gitsync}"),
+        &format!("kommit.dev/reconcile-requested-at={stamp}"),
+    ]);
+}
+
+/// Polls with a reconcile request every few seconds until `check` holds.
+fn converge(
+    namespace: &str,
+    gitsync: &str,
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> bool,
+) {
+    let mut last = std::time::Instant::now() - Duration::from_secs(60);
+    wait_until(timeout, what, || {
+        if check() {
+            return true;
+        }
+        if last.elapsed() > Duration::from_secs(5) {
+            request_reconcile(namespace, gitsync);
+            last = std::time::Instant::now();
+        }
+        false
+    });
+}
+
+#[test]
+fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_goes_away() {
+    install_gitsync_crd();
+    let env = forge();
+    let ns = TestNamespace::new("previews");
+    let gitsync = ns.name.clone();
+    let name = unique("previews");
+    let owner = env.user.clone();
+    let full_name = format!("{owner}/{name}");
+    api_ok(
+        &env,
+        "POST",
+        "/user/repos",
+        Some(&json!({"name": name, "default_branch": "main"})),
+        None,
+        &[201],
+    );
+    let label = api_ok(
+        &env,
+        "POST",
+        &format!("/repos/{full_name}/labels"),
+        Some(&json!({"name": "kommit/preview", "color": "#00aabb"})),
+        None,
+        &[201],
+    );
+
+    // Production: main, synced into the test's namespace.
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &web("nginx:1.25"));
+    let main = repo.commit("Web on nginx 1.25");
+    push(&env, &repo, &owner, &name, "main");
+    kubectl_apply(
+        &ns.name,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: forge}}\nstringData:\n  token: {}\n",
+            env.token
+        ),
+        &[],
+    );
+    let _operator = OperatorProcess::start(&["--watch-namespace", &ns.name], &[]);
+    kubectl_apply(
+        &ns.name,
+        &format!(
+            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {gitsync}}}\nspec:\n  repo: {}/{full_name}.git\n  branch: main\n  path: deploy\n  interval: 1m\n  secretRef: {{name: forge}}\n  pullRequests:\n    provider: gitea\n    previews: true\n    allowForks: true\n",
+            env.url
+        ),
+        &[],
+    );
+    let status = |path: &str| jsonpath(&ns.name, &format!("gitsync/{gitsync}"), path);
+    wait_until(Duration::from_secs(90), "production runs main", || {
+        status("{.status.lastAppliedCommit}") == main
+    });
+    assert_eq!(image_in(&ns.name), "nginx:1.25");
+    assert!(
+        status("{.metadata.finalizers}").contains("kommit.dev/previews"),
+        "a GitSync with previews keeps a finalizer for them"
+    );
+
+    // A pull request changing the image gets its preview, one comment and two green statuses.
+    repo.git(&["checkout", "-q", "-b", "new-image"]);
+    repo.write("deploy/web.yaml", &web("nginx:1.26"));
+    let head = repo.commit("Web on nginx 1.26");
+    push(&env, &repo, &owner, &name, "new-image");
+    let pr = open_pull_request(&env, &full_name, "new-image", "nginx 1.26", None);
+    let preview = format!("{gitsync}-pr-{pr}");
+    converge(
+        &ns.name,
+        &gitsync,
+        Duration::from_secs(120),
+        "the preview runs the pull request's head and both statuses are green",
+        || {
+            image_in(&preview) == "nginx:1.26"
+                && commit_status(&env, &full_name, &head, "kommit/diff")
+                    .is_some_and(|s| s.0 == "success")
+                && commit_status(&env, &full_name, &head, "kommit/preview")
+                    .is_some_and(|s| s.0 == "success")
+        },
+    );
+    let comments = kommit_comments(&env, &full_name, pr);
+    assert_eq!(comments.len(), 1, "exactly one comment: {comments:#?}");
+    assert!(
+        comments[0].contains("nginx:1.26") && comments[0].contains("nginx:1.25"),
+        "{}",
+        comments[0]
+    );
+    assert!(
+        comments[0].contains(&preview),
+        "the comment names the preview: {}",
+        comments[0]
+    );
+    for confinement in ["resourcequota", "limitrange", "networkpolicy"] {
+        kubectl_ok(&["get", confinement, "kommit-preview", "-n", &preview]);
+    }
+    assert_eq!(image_in(&ns.name), "nginx:1.25", "production never moves");
+    assert_eq!(status("{.status.previews}"), "1");
+    assert_eq!(status("{.status.pullRequests[0].health}"), "Healthy");
+
+    // A push to the pull request updates the same preview and the same comment.
+    repo.write("deploy/web.yaml", &web("nginx:1.27"));
+    let pushed = repo.commit("Web on nginx 1.27");
+    push(&env, &repo, &owner, &name, "new-image");
+    converge(
+        &ns.name,
+        &gitsync,
+        Duration::from_secs(120),
+        "the preview follows the push",
+        || {
+            image_in(&preview) == "nginx:1.27"
+                && commit_status(&env, &full_name, &pushed, "kommit/preview")
+                    .is_some_and(|s| s.0 == "success")
+                && kommit_comments(&env, &full_name, pr)
+                    .first()
+                    .is_some_and(|c| c.contains("nginx:1.27"))
+        },
+    );
+    assert_eq!(
+        kommit_comments(&env, &full_name, pr).len(),
+        1,
+        "still one comment"
+    );
+
+    // A pull request whose image crash-loops: its preview fails, with the cause.
+    repo.git(&["checkout", "-q", "-b", "broken", &main]);
+    repo.write("deploy/web.yaml", &web("nginx:broken"));
+    let broken_head = repo.commit("Web on a broken build");
+    push(&env, &repo, &owner, &name, "broken");
+    let broken = open_pull_request(&env, &full_name, "broken", "broken build", None);
+    converge(
+        &ns.name,
+        &gitsync,
+        Duration::from_secs(180),
+        "the broken preview fails",
+        || {
+            commit_status(&env, &full_name, &broken_head, "kommit/preview")
+                .is_some_and(|s| s.0 == "failure")
+        },
+    );
+    let (_, why) = commit_status(&env, &full_name, &broken_head, "kommit/preview").unwrap();
+    assert!(
+        why.contains("CrashLoopBackOff"),
+        "the status says why: {why}"
+    );
+
+    // The forge failing (a revoked token) is never read as "no pull requests": previews stay.
+    kubectl_apply(
+        &ns.name,
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: forge}\nstringData:\n  token: revoked-token\n",
+        &[],
+    );
+    converge(
+        &ns.name,
+        &gitsync,
+        Duration::from_secs(60),
+        "the forge error is reported",
+        || !status("{.status.pullRequestsError}").is_empty(),
+    );
+    assert!(namespace_lives(&preview), "an API error removes no preview");
+    kubectl_apply(
+        &ns.name,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: forge}}\nstringData:\n  token: {}\n",
+            env.token
+        ),
+        &[],
+    );
+
+    // Closing the pull request removes its preview, and the comment says so.
+    api_ok(
+        &env,
+        "PATCH",
+        &format!("/repos/{full_name}/pulls/{pr}"),
+        Some(&json!({"state": "closed"})),
+        None,
+        &[200, 201],
+    );
+    converge(
+        &ns.name,
+        &gitsync,
+        Duration::from_secs(60),
+        "the closed pull request's preview is gone",
+        || !namespace_lives(&preview),
+    );
+    assert!(
+        kommit_comments(&env, &full_name, pr)[0].contains("was removed"),
+        "the comment says the preview was removed"
+    );
+
+    // A fork's pull request is left alone until approved, and each push needs a new approval.
+    let fork_user = unique("forker");
+    api_ok(
+        &env,
+        "POST",
+        "/admin/users",
+        Some(
+            &json!({"username": fork_user, "email": format!("{fork_user}@example.com"),
+                     "password": "fork-user-password-1", "must_change_password": false}),
+        ),
+        None,
+        &[201],
+    );
+    api_ok(
+        &env,
+        "POST",
+        &format!("/repos/{full_name}/forks"),
+        Some(&json!({})),
+        Some(&fork_user),
+        &[201, 202],
+    );
+    repo.git(&["checkout", "-q", "-b", "from-fork", &main]);
+    repo.write("deploy/web.yaml", &web("nginx:1.28"));
+    let fork_head = repo.commit("Web on nginx 1.28, from a fork");
+    push(&env, &repo, &fork_user, &name, "from-fork");
+    let fork_pr = open_pull_request(
+        &env,
+        &full_name,
+        &format!("{fork_user}:from-fork"),
+        "from a fork",
+        Some(&fork_user),
+    );
+    let fork_preview = format!("{gitsync}-pr-{fork_pr}");
+    converge(
+        &ns.name,
+        &gitsync,
+        Duration::from_secs(60),
+        "the fork's pull request waits for approval",
+        || {
+            commit_status(&env, &full_name, &fork_head, "kommit/diff")
+                .is_some_and(|s| s.0 == "pending")
+        },
+    );
+    assert!(
+        !namespace_lives(&fork_preview),
+        "no preview before approval"
+    );
+    assert!(
+        kommit_comments(&env, &full_name, fork_pr).is_empty(),
+        "no comment before approval"
+    );
+    let approve = || {
+        api_ok(
+            &env,
+            "POST",
+            &format!("/repos/{full_name}/issues/{fork_pr}/labels"),
+            Some(&json!({"labels": [label["id"]]})),
+            None,
+            &[200],
+        );
+    };
+    approve();
+    converge(
+        &ns.name,
+        &gitsync,
+        Duration::from_secs(120),
+        "the approved fork gets its preview",
+        || image_in(&fork_preview) == "nginx:1.28",
+    );
+    repo.write("deploy/web.yaml", &web("nginx:1.29"));
+    let fork_push = repo.commit("Web on nginx 1.29, pushed after the approval");
+    push(&env, &repo, &fork_user, &name, "from-fork");
+    let labels = |v: &Value| v["labels"].as_array().map(|l| l.len()).unwrap_or(0);
+    converge(
+        &ns.name,
+        &gitsync,
+        Duration::from_secs(90),
+        "the push after approval takes the approval away",
+        || {
+            let pr = api_ok(
+                &env,
+                "GET",
+                &format!("/repos/{full_name}/pulls/{fork_pr}"),
+                None,
+                None,
+                &[200],
+            );
+            labels(&pr) == 0
+                && commit_status(&env, &full_name, &fork_push, "kommit/diff")
+                    .is_some_and(|s| s.0 == "pending")
+        },
+    );
+    assert_ne!(
+        image_in(&fork_preview),
+        "nginx:1.29",
+        "unapproved code is never deployed"
+    );
+
+    // Deleting the GitSync removes its previews (its finalizer), then the GitSync itself.
+    kubectl_ok(&[
+        "delete",
+        "gitsync",
+        &gitsync,
+        "-n",
+        &ns.name,
+        "--wait=false",
+    ]);
+    let broken_preview = format!("{gitsync}-pr-{broken}");
+    wait_until(
+        Duration::from_secs(60),
+        "the previews go with their GitSync",
+        || {
+            !namespace_lives(&broken_preview)
+                && !kubectl(&["get", "gitsync", &gitsync, "-n", &ns.name])
+                    .status
+                    .success()
+        },
+    );
+    assert_eq!(image_in(&ns.name), "nginx:1.25", "production never moved");
+}
