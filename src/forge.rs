@@ -1046,6 +1046,32 @@ mod tests {
     }
 
     #[test]
+    fn a_pull_request_is_open_closed_or_merged_as_the_forge_says() {
+        let at = |changes: serde_json::Value| {
+            let mut v: serde_json::Value = serde_json::from_str(GITHUB_PULL).unwrap();
+            for (key, value) in changes.as_object().unwrap() {
+                v[key] = value.clone();
+            }
+            PullRequest::from(serde_json::from_value::<RawPull>(v).unwrap()).state
+        };
+        assert_eq!(at(serde_json::json!({"state": "open"})), PullState::Open);
+        // GitHub's list and single-PR answers carry `merged_at`; its single answer and Gitea's
+        // carry `merged` too.
+        assert_eq!(
+            at(serde_json::json!({"state": "closed", "merged_at": null})),
+            PullState::Closed
+        );
+        assert_eq!(
+            at(serde_json::json!({"state": "closed", "merged_at": "2011-01-26T19:01:12Z"})),
+            PullState::Merged
+        );
+        assert_eq!(
+            at(serde_json::json!({"state": "closed", "merged": true})),
+            PullState::Merged
+        );
+    }
+
+    #[test]
     fn fork_and_deleted_fork_pulls_are_forks() {
         let fork = GITHUB_PULL.replacen(
             r#""full_name": "octocat/Hello-World",

@@ -481,3 +481,141 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
     );
     assert_eq!(image_in(&ns.name), "nginx:1.25", "production never moved");
 }
+
+#[test]
+fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_idle() {
+    install_gitsync_crd();
+    let env = forge();
+    let ns = TestNamespace::new("previews-limits");
+    let gitsync = ns.name.clone();
+    let name = unique("limits");
+    let owner = env.user.clone();
+    let full_name = format!("{owner}/{name}");
+    api_ok(
+        &env,
+        "POST",
+        "/user/repos",
+        Some(&json!({"name": name, "default_branch": "main"})),
+        None,
+        &[201],
+    );
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &web("nginx:1.25"));
+    let main = repo.commit("Web on nginx 1.25");
+    push(&env, &repo, &owner, &name, "main");
+    kubectl_apply(
+        &ns.name,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: forge}}\nstringData:\n  token: {}\n",
+            env.token
+        ),
+        &[],
+    );
+    let _operator = OperatorProcess::start(&["--watch-namespace", &ns.name], &[]);
+    kubectl_apply(
+        &ns.name,
+        &format!(
+            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {gitsync}}}\nspec:\n  repo: {}/{full_name}.git\n  branch: main\n  path: deploy\n  interval: 1m\n  secretRef: {{name: forge}}\n  pullRequests:\n    provider: gitea\n    previews: true\n    maxPreviews: 1\n    ttl: 45s\n",
+            env.url
+        ),
+        &[],
+    );
+    let status = |path: &str| jsonpath(&ns.name, &format!("gitsync/{gitsync}"), path);
+    wait_until(Duration::from_secs(90), "production runs main", || {
+        status("{.status.lastAppliedCommit}") == main
+    });
+
+    // The oldest pull request takes the one preview; it would write outside its namespace.
+    repo.git(&["checkout", "-q", "-b", "escape"]);
+    repo.write(
+        "deploy/escape.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: escape\n  namespace: kube-system\ndata:\n  x: y\n",
+    );
+    let escape_head = repo.commit("A ConfigMap in kube-system");
+    push(&env, &repo, &owner, &name, "escape");
+    let escape = open_pull_request(&env, &full_name, "escape", "escape", None);
+    converge(
+        &ns.name,
+        &gitsync,
+        Duration::from_secs(90),
+        "the escaping preview is refused",
+        || {
+            commit_status(&env, &full_name, &escape_head, "kommit/preview")
+                .is_some_and(|s| s.0 == "failure")
+        },
+    );
+    let (_, why) = commit_status(&env, &full_name, &escape_head, "kommit/preview").unwrap();
+    assert!(
+        why.contains("kube-system"),
+        "the status names the namespace: {why}"
+    );
+    assert!(
+        !kubectl(&["get", "configmap", "escape", "-n", "kube-system"])
+            .status
+            .success(),
+        "nothing was written outside the preview"
+    );
+
+    // The next pull request finds no preview left for it.
+    repo.git(&["checkout", "-q", "-b", "new-image", &main]);
+    repo.write("deploy/web.yaml", &web("nginx:1.26"));
+    let head = repo.commit("Web on nginx 1.26");
+    push(&env, &repo, &owner, &name, "new-image");
+    let pr = open_pull_request(&env, &full_name, "new-image", "nginx 1.26", None);
+    let preview = format!("{gitsync}-pr-{pr}");
+    converge(
+        &ns.name,
+        &gitsync,
+        Duration::from_secs(90),
+        "the second pull request is told previews are full",
+        || {
+            commit_status(&env, &full_name, &head, "kommit/preview")
+                .is_some_and(|s| s.1.contains("maxPreviews"))
+        },
+    );
+    assert!(!namespace_lives(&preview));
+    let listed = kubectl_ok(&["get", "gitsync", &gitsync, "-n", &ns.name]);
+    assert!(
+        listed.contains("PREVIEWS"),
+        "kubectl get shows the previews: {listed}"
+    );
+
+    // Idle past its ttl, the first preview goes and gives its place to the second.
+    let escape_preview = format!("{gitsync}-pr-{escape}");
+    converge(
+        &ns.name,
+        &gitsync,
+        Duration::from_secs(120),
+        "the idle preview expires and the next one is made",
+        || !namespace_lives(&escape_preview) && image_in(&preview) == "nginx:1.26",
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the status says the preview expired",
+        || {
+            jsonpath(
+                &ns.name,
+                &format!("gitsync/{gitsync}"),
+                &format!("{{.status.pullRequests[?(@.number=={escape})].health}}"),
+            ) == "Expired"
+        },
+    );
+    kubectl_ok(&[
+        "delete",
+        "gitsync",
+        &gitsync,
+        "-n",
+        &ns.name,
+        "--wait=false",
+    ]);
+    wait_until(
+        Duration::from_secs(60),
+        "the previews go with their GitSync",
+        || {
+            !namespace_lives(&preview)
+                && !kubectl(&["get", "gitsync", &gitsync, "-n", &ns.name])
+                    .status
+                    .success()
+        },
+    );
+}

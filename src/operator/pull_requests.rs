@@ -159,6 +159,45 @@ async fn forge_for(work: &Work<'_>) -> Result<Forge, PullRequestError> {
     Ok(forge)
 }
 
+/// What becomes of a pull request's preview this time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreviewPlan {
+    /// `previews` is off.
+    Off,
+    /// Made or kept up to date.
+    Deploy,
+    /// No push for `ttl`: removed until the next push.
+    Expired,
+    /// `maxPreviews` older pull requests have one.
+    OverLimit,
+}
+
+/// The preview plan of `pr` given what was recorded of it; takes a slot from `slots` when it
+/// gets a preview (expired ones give theirs to younger pull requests).
+pub fn preview_plan(
+    previews: bool,
+    before: Option<&PullRequestStatus>,
+    pr: &PullRequest,
+    ttl: Duration,
+    slots: &mut usize,
+) -> PreviewPlan {
+    if !previews {
+        return PreviewPlan::Off;
+    }
+    let idle = before
+        .filter(|b| b.head_sha == pr.head_sha)
+        .and_then(|b| age_of(&b.last_push))
+        .is_some_and(|age| age > ttl);
+    if idle {
+        return PreviewPlan::Expired;
+    }
+    if *slots == 0 {
+        return PreviewPlan::OverLimit;
+    }
+    *slots -= 1;
+    PreviewPlan::Deploy
+}
+
 /// The namespace of pull request `number`'s preview: `<gitsync>-pr-<number>`, shortened with a
 /// hash of the GitSync's namespace and name when it would be over 63 characters.
 pub fn preview_namespace(gitsync_namespace: &str, gitsync: &str, number: u64) -> String {
@@ -310,23 +349,14 @@ pub async fn reconcile(
         })?;
 
     let ttl = parse_duration(&work.spec.ttl).unwrap_or(Duration::from_secs(72 * 3600));
-    let max_previews = work.spec.max_previews as usize;
-    for (index, pr) in eligible.iter().enumerate() {
+    let mut slots = work.spec.max_previews as usize;
+    for pr in &eligible {
         let before = known.get(&pr.number).cloned();
-        let wants_preview = work.spec.previews && index < max_previews;
+        let wants_preview = preview_plan(work.spec.previews, before.as_ref(), pr, ttl, &mut slots);
         let span =
             tracing::info_span!("pull_request", number = pr.number, head = %short(&pr.head_sha));
         let entry = tracing::Instrument::instrument(
-            pull_request(
-                work,
-                &forge,
-                &repo,
-                pr,
-                before,
-                wants_preview,
-                ttl,
-                &previews,
-            ),
+            pull_request(work, &forge, &repo, pr, before, wants_preview, &previews),
             span,
         )
         .await;
@@ -444,8 +474,7 @@ async fn pull_request(
     repo: &Repo,
     pr: &PullRequest,
     before: Option<PullRequestStatus>,
-    wants_preview: bool,
-    ttl: Duration,
+    plan: PreviewPlan,
     previews: &BTreeMap<u64, String>,
 ) -> PullRequestStatus {
     let metrics = &work.context.metrics;
@@ -459,7 +488,6 @@ async fn pull_request(
         entry.approved_sha = Some(pr.head_sha.clone());
     }
     let existing = previews.get(&pr.number).cloned();
-    let expired = age_of(&entry.last_push).is_some_and(|age| age > ttl);
     let base_moved = entry.base_sha != work.base_sha;
     // What is already said about this head and base is not said again.
     let settled = !pushed
@@ -468,7 +496,7 @@ async fn pull_request(
             entry.health.as_str(),
             "Healthy" | "Degraded" | "Refused" | "NoPreview" | "Expired"
         )
-        && (existing.is_some() == (wants_preview && !expired));
+        && (existing.is_some() == (plan == PreviewPlan::Deploy));
     entry.head_sha = pr.head_sha.clone();
     entry.base_sha = work.base_sha.to_string();
     if settled {
@@ -533,18 +561,18 @@ async fn pull_request(
         pr.number,
     );
     let preview_section;
-    if !work.spec.previews {
+    if plan == PreviewPlan::Off {
         entry.health = "NoPreview".into();
         entry.message = String::new();
         preview_section = String::new();
-    } else if !wants_preview || expired {
+    } else if plan != PreviewPlan::Deploy {
         if let Some(existing) = &existing
             && let Err(e) = delete_preview(work, existing).await
         {
             tracing::warn!(error = %e, "cannot remove the preview");
         }
         entry.namespace = None;
-        let (health, message) = if expired {
+        let (health, message) = if plan == PreviewPlan::Expired {
             (
                 "Expired",
                 format!(
@@ -1064,6 +1092,50 @@ mod tests {
             eligibility(&forks, &pr(&["kommit/preview"], true, "b"), Some("a")),
             Eligibility::ApprovalOutdated,
             "a push after the approval needs a new one"
+        );
+    }
+
+    #[test]
+    fn previews_go_to_the_oldest_pull_requests_and_expire_without_pushes() {
+        let ttl = Duration::from_secs(3600);
+        let mut slots = 1;
+        let first = pr(&[], false, "a");
+        assert_eq!(
+            preview_plan(true, None, &first, ttl, &mut slots),
+            PreviewPlan::Deploy
+        );
+        assert_eq!(
+            preview_plan(true, None, &first, ttl, &mut slots),
+            PreviewPlan::OverLimit
+        );
+        assert_eq!(
+            preview_plan(false, None, &first, ttl, &mut 5),
+            PreviewPlan::Off
+        );
+        let long_ago = PullRequestStatus {
+            head_sha: "a".into(),
+            last_push: "2020-01-01T00:00:00Z".into(),
+            ..Default::default()
+        };
+        let mut slots = 1;
+        assert_eq!(
+            preview_plan(true, Some(&long_ago), &first, ttl, &mut slots),
+            PreviewPlan::Expired
+        );
+        assert_eq!(slots, 1, "an expired preview frees its slot");
+        let pushed = pr(&[], false, "b");
+        assert_eq!(
+            preview_plan(true, Some(&long_ago), &pushed, ttl, &mut slots),
+            PreviewPlan::Deploy,
+            "a push brings an expired preview back"
+        );
+        let recent = PullRequestStatus {
+            last_push: now_rfc3339(),
+            ..long_ago
+        };
+        assert_eq!(
+            preview_plan(true, Some(&recent), &first, ttl, &mut 1),
+            PreviewPlan::Deploy
         );
     }
 
