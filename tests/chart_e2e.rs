@@ -597,6 +597,59 @@ fn the_locked_chart_gives_the_operator_only_gitsyncs_events_and_impersonation() 
 }
 
 #[test]
+fn previews_give_the_operator_namespaces_and_bind_on_one_role_only_when_enabled() {
+    let off = documents(&render("kommit", "kommit", &[]));
+    assert!(
+        !allows(&off, "", "namespaces", "create"),
+        "previews are off by default"
+    );
+    let docs = documents(&render(
+        "kommit",
+        "kommit",
+        &["--set", "previews.enabled=true"],
+    ));
+    for (group, resource, verb) in [
+        ("", "namespaces", "create"),
+        ("", "namespaces", "delete"),
+        ("", "resourcequotas", "patch"),
+        ("", "limitranges", "patch"),
+        ("networking.k8s.io", "networkpolicies", "patch"),
+        ("rbac.authorization.k8s.io", "rolebindings", "create"),
+    ] {
+        assert!(
+            allows(&docs, group, resource, verb),
+            "{verb} on {group}/{resource}"
+        );
+    }
+    let bind: Vec<_> = rules(&docs)
+        .into_iter()
+        .filter(|(_, r)| strings(&r["verbs"]).contains(&"bind".to_string()))
+        .collect();
+    assert_eq!(bind.len(), 1, "{bind:#?}");
+    assert_eq!(
+        strings(&bind[0].1["resourceNames"]),
+        vec!["edit"],
+        "bind on one role only"
+    );
+    let refused = helm(&[
+        "template",
+        "kommit",
+        &chart_dir(),
+        "--set",
+        "previews.enabled=true",
+        "--set",
+        "rbac.scope=namespace",
+        "--set",
+        "rbac.namespaces={shop}",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("previews.enabled needs rbac.scope=cluster")
+    );
+}
+
+#[test]
 fn the_rendered_chart_passes_a_server_side_dry_run_under_the_restricted_pod_security_standard() {
     let ns = TestNamespace::new("chart dry run");
     kubectl_ok(&[

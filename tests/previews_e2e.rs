@@ -511,7 +511,27 @@ fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_id
         ),
         &[],
     );
-    let _operator = OperatorProcess::start(&["--watch-namespace", &ns.name], &[]);
+    // Locked tenancy: the GitSync acts as a ServiceAccount that may edit its own namespace,
+    // and kommit binds it to `edit` in each preview namespace, and only there.
+    kubectl_ok(&["create", "serviceaccount", "deployer", "-n", &ns.name]);
+    kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "deployer-edit",
+        "--clusterrole=edit",
+        &format!("--serviceaccount={}:deployer", ns.name),
+        "-n",
+        &ns.name,
+    ]);
+    let _operator = OperatorProcess::start(
+        &[
+            "--watch-namespace",
+            &ns.name,
+            "--default-service-account",
+            "deployer",
+        ],
+        &[],
+    );
     kubectl_apply(
         &ns.name,
         &format!(
@@ -574,6 +594,21 @@ fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_id
         },
     );
     assert!(!namespace_lives(&preview));
+    assert!(
+        !kubectl(&[
+            "auth",
+            "can-i",
+            "create",
+            "deployments",
+            "-n",
+            "default",
+            "--as",
+            &format!("system:serviceaccount:{}:deployer", ns.name)
+        ])
+        .status
+        .success(),
+        "the GitSync's ServiceAccount gains no rights outside its previews"
+    );
     let listed = kubectl_ok(&["get", "gitsync", &gitsync, "-n", &ns.name]);
     assert!(
         listed.contains("PREVIEWS"),
@@ -588,6 +623,15 @@ fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_id
         Duration::from_secs(120),
         "the idle preview expires and the next one is made",
         || !namespace_lives(&escape_preview) && image_in(&preview) == "nginx:1.26",
+    );
+    assert_eq!(
+        jsonpath(
+            &preview,
+            "rolebinding/kommit-preview",
+            "{.subjects[0].name}"
+        ),
+        "deployer",
+        "the preview was written by the GitSync's ServiceAccount, bound there by kommit"
     );
     wait_until(
         Duration::from_secs(60),
