@@ -663,3 +663,90 @@ fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_id
         },
     );
 }
+
+#[test]
+fn the_forges_pull_request_webhook_brings_the_comment_before_the_interval() {
+    install_gitsync_crd();
+    let env = forge();
+    let ns = TestNamespace::new("previews-webhook");
+    let gitsync = ns.name.clone();
+    let name = unique("hooked");
+    let owner = env.user.clone();
+    let full_name = format!("{owner}/{name}");
+    api_ok(
+        &env,
+        "POST",
+        "/user/repos",
+        Some(&json!({"name": name, "default_branch": "main"})),
+        None,
+        &[201],
+    );
+    let repo = GitRepo::new();
+    repo.write("deploy/web.yaml", &web("nginx:1.25"));
+    let main = repo.commit("Web on nginx 1.25");
+    push(&env, &repo, &owner, &name, "main");
+    kubectl_apply(
+        &ns.name,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: forge}}\nstringData:\n  token: {}\n",
+            env.token
+        ),
+        &[],
+    );
+    let secret = "pull-request-webhook-secret";
+    let operator = OperatorProcess::start(
+        &["--watch-namespace", &ns.name],
+        &[("KOMMIT_WEBHOOK_SECRET", secret)],
+    );
+    api_ok(
+        &env,
+        "POST",
+        &format!("/repos/{full_name}/hooks"),
+        Some(&json!({
+            "type": "gitea",
+            "active": true,
+            "events": ["pull_request", "pull_request_sync"],
+            "config": {
+                "url": format!("http://{}/webhook", operator.address),
+                "content_type": "json",
+                "secret": secret,
+            },
+        })),
+        None,
+        &[201],
+    );
+    // An hour between looks: only the webhook can bring the comment in time.
+    kubectl_apply(
+        &ns.name,
+        &format!(
+            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {gitsync}}}\nspec:\n  repo: {}/{full_name}.git\n  branch: main\n  path: deploy\n  interval: 1h\n  secretRef: {{name: forge}}\n  pullRequests:\n    provider: gitea\n",
+            env.url
+        ),
+        &[],
+    );
+    let status = |path: &str| jsonpath(&ns.name, &format!("gitsync/{gitsync}"), path);
+    wait_until(Duration::from_secs(90), "production runs main", || {
+        status("{.status.lastAppliedCommit}") == main
+    });
+    repo.git(&["checkout", "-q", "-b", "new-image"]);
+    repo.write("deploy/web.yaml", &web("nginx:1.26"));
+    let head = repo.commit("Web on nginx 1.26");
+    push(&env, &repo, &owner, &name, "new-image");
+    let pr = open_pull_request(&env, &full_name, "new-image", "nginx 1.26", None);
+    wait_until(
+        Duration::from_secs(60),
+        "the webhook brings the comment and the status",
+        || {
+            kommit_comments(&env, &full_name, pr).len() == 1
+                && commit_status(&env, &full_name, &head, "kommit/diff")
+                    .is_some_and(|s| s.0 == "success")
+        },
+    );
+    assert!(kommit_comments(&env, &full_name, pr)[0].contains("nginx:1.26"));
+    assert!(
+        operator.metric(r#"kommit_webhooks_total{provider="gitea",result="triggered"}"#) >= 1.0,
+        "{}",
+        operator.log()
+    );
+    assert_eq!(status("{.status.pullRequests[0].health}"), "NoPreview");
+}
