@@ -174,58 +174,109 @@ fn converge(
     });
 }
 
+/// What every story starts from: a repository on the forge whose `main` runs `web` on
+/// nginx:1.25, a local clone to commit from, and a namespace holding the forge token.
+struct Scene {
+    env: ForgeEnv,
+    ns: TestNamespace,
+    /// The GitSync's name (the namespace's: unique, so its previews are too).
+    gitsync: String,
+    owner: String,
+    name: String,
+    full_name: String,
+    repo: GitRepo,
+    main: String,
+}
+
+impl Scene {
+    fn new(test: &str) -> Scene {
+        install_gitsync_crd();
+        let env = forge();
+        let ns = TestNamespace::new(test);
+        let name = unique(&test.replace('-', ""));
+        let owner = env.user.clone();
+        let full_name = format!("{owner}/{name}");
+        api_ok(
+            &env,
+            "POST",
+            "/user/repos",
+            Some(&json!({"name": name, "default_branch": "main"})),
+            None,
+            &[201],
+        );
+        let repo = GitRepo::new();
+        repo.write("deploy/web.yaml", &web("nginx:1.25"));
+        let main = repo.commit("Web on nginx 1.25");
+        push(&env, &repo, &owner, &name, "main");
+        let scene = Scene {
+            gitsync: ns.name.clone(),
+            env,
+            ns,
+            owner,
+            name,
+            full_name,
+            repo,
+            main,
+        };
+        scene.set_token(&scene.env.token);
+        scene
+    }
+
+    fn set_token(&self, token: &str) {
+        kubectl_apply(
+            &self.ns.name,
+            &format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: forge}}\nstringData:\n  token: {token}\n"
+            ),
+            &[],
+        );
+    }
+
+    /// Applies the GitSync of `main` with these `pullRequests` settings (YAML lines under it)
+    /// and waits until production runs `main`.
+    fn sync_main(&self, interval: &str, pull_requests: &str) {
+        kubectl_apply(
+            &self.ns.name,
+            &format!(
+                "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {}}}\nspec:\n  repo: {}/{}.git\n  branch: main\n  path: deploy\n  interval: {interval}\n  secretRef: {{name: forge}}\n  pullRequests:\n    provider: gitea\n{pull_requests}",
+                self.gitsync, self.env.url, self.full_name
+            ),
+            &[],
+        );
+        wait_until(Duration::from_secs(90), "production runs main", || {
+            self.status("{.status.lastAppliedCommit}") == self.main
+        });
+    }
+
+    fn status(&self, path: &str) -> String {
+        jsonpath(&self.ns.name, &format!("gitsync/{}", self.gitsync), path)
+    }
+}
+
 #[test]
 fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_goes_away() {
-    install_gitsync_crd();
-    let env = forge();
-    let ns = TestNamespace::new("previews");
-    let gitsync = ns.name.clone();
-    let name = unique("previews");
-    let owner = env.user.clone();
-    let full_name = format!("{owner}/{name}");
-    api_ok(
-        &env,
-        "POST",
-        "/user/repos",
-        Some(&json!({"name": name, "default_branch": "main"})),
-        None,
-        &[201],
-    );
+    let scene = Scene::new("previews");
+    let Scene {
+        env,
+        ns,
+        gitsync,
+        owner,
+        name,
+        full_name,
+        repo,
+        main,
+    } = &scene;
     let label = api_ok(
-        &env,
+        env,
         "POST",
         &format!("/repos/{full_name}/labels"),
         Some(&json!({"name": "kommit/preview", "color": "#00aabb"})),
         None,
         &[201],
     );
-
-    // Production: main, synced into the test's namespace.
-    let repo = GitRepo::new();
-    repo.write("deploy/web.yaml", &web("nginx:1.25"));
-    let main = repo.commit("Web on nginx 1.25");
-    push(&env, &repo, &owner, &name, "main");
-    kubectl_apply(
-        &ns.name,
-        &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: forge}}\nstringData:\n  token: {}\n",
-            env.token
-        ),
-        &[],
-    );
     let _operator = OperatorProcess::start(&["--watch-namespace", &ns.name], &[]);
-    kubectl_apply(
-        &ns.name,
-        &format!(
-            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {gitsync}}}\nspec:\n  repo: {}/{full_name}.git\n  branch: main\n  path: deploy\n  interval: 1m\n  secretRef: {{name: forge}}\n  pullRequests:\n    provider: gitea\n    previews: true\n    allowForks: true\n",
-            env.url
-        ),
-        &[],
-    );
-    let status = |path: &str| jsonpath(&ns.name, &format!("gitsync/{gitsync}"), path);
-    wait_until(Duration::from_secs(90), "production runs main", || {
-        status("{.status.lastAppliedCommit}") == main
-    });
+    scene.sync_main("1m", "    previews: true\n    allowForks: true\n");
+    let status = |path: &str| scene.status(path);
     assert_eq!(image_in(&ns.name), "nginx:1.25");
     assert!(
         status("{.metadata.finalizers}").contains("kommit.dev/previews"),
@@ -236,23 +287,23 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
     repo.git(&["checkout", "-q", "-b", "new-image"]);
     repo.write("deploy/web.yaml", &web("nginx:1.26"));
     let head = repo.commit("Web on nginx 1.26");
-    push(&env, &repo, &owner, &name, "new-image");
-    let pr = open_pull_request(&env, &full_name, "new-image", "nginx 1.26", None);
+    push(env, repo, owner, name, "new-image");
+    let pr = open_pull_request(env, full_name, "new-image", "nginx 1.26", None);
     let preview = format!("{gitsync}-pr-{pr}");
     converge(
         &ns.name,
-        &gitsync,
+        gitsync,
         Duration::from_secs(120),
         "the preview runs the pull request's head and both statuses are green",
         || {
             image_in(&preview) == "nginx:1.26"
-                && commit_status(&env, &full_name, &head, "kommit/diff")
+                && commit_status(env, full_name, &head, "kommit/diff")
                     .is_some_and(|s| s.0 == "success")
-                && commit_status(&env, &full_name, &head, "kommit/preview")
+                && commit_status(env, full_name, &head, "kommit/preview")
                     .is_some_and(|s| s.0 == "success")
         },
     );
-    let comments = kommit_comments(&env, &full_name, pr);
+    let comments = kommit_comments(env, full_name, pr);
     assert_eq!(comments.len(), 1, "exactly one comment: {comments:#?}");
     assert!(
         comments[0].contains("nginx:1.26") && comments[0].contains("nginx:1.25"),
@@ -274,44 +325,44 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
     // A push to the pull request updates the same preview and the same comment.
     repo.write("deploy/web.yaml", &web("nginx:1.27"));
     let pushed = repo.commit("Web on nginx 1.27");
-    push(&env, &repo, &owner, &name, "new-image");
+    push(env, repo, owner, name, "new-image");
     converge(
         &ns.name,
-        &gitsync,
+        gitsync,
         Duration::from_secs(120),
         "the preview follows the push",
         || {
             image_in(&preview) == "nginx:1.27"
-                && commit_status(&env, &full_name, &pushed, "kommit/preview")
+                && commit_status(env, full_name, &pushed, "kommit/preview")
                     .is_some_and(|s| s.0 == "success")
-                && kommit_comments(&env, &full_name, pr)
+                && kommit_comments(env, full_name, pr)
                     .first()
                     .is_some_and(|c| c.contains("nginx:1.27"))
         },
     );
     assert_eq!(
-        kommit_comments(&env, &full_name, pr).len(),
+        kommit_comments(env, full_name, pr).len(),
         1,
         "still one comment"
     );
 
     // A pull request whose image crash-loops: its preview fails, with the cause.
-    repo.git(&["checkout", "-q", "-b", "broken", &main]);
+    repo.git(&["checkout", "-q", "-b", "broken", main]);
     repo.write("deploy/web.yaml", &web("nginx:broken"));
     let broken_head = repo.commit("Web on a broken build");
-    push(&env, &repo, &owner, &name, "broken");
-    let broken = open_pull_request(&env, &full_name, "broken", "broken build", None);
+    push(env, repo, owner, name, "broken");
+    let broken = open_pull_request(env, full_name, "broken", "broken build", None);
     converge(
         &ns.name,
-        &gitsync,
+        gitsync,
         Duration::from_secs(180),
         "the broken preview fails",
         || {
-            commit_status(&env, &full_name, &broken_head, "kommit/preview")
+            commit_status(env, full_name, &broken_head, "kommit/preview")
                 .is_some_and(|s| s.0 == "failure")
         },
     );
-    let (_, why) = commit_status(&env, &full_name, &broken_head, "kommit/preview").unwrap();
+    let (_, why) = commit_status(env, full_name, &broken_head, "kommit/preview").unwrap();
     assert!(
         why.contains("CrashLoopBackOff"),
         "the status says why: {why}"
@@ -325,7 +376,7 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
     );
     converge(
         &ns.name,
-        &gitsync,
+        gitsync,
         Duration::from_secs(60),
         "the forge error is reported",
         || !status("{.status.pullRequestsError}").is_empty(),
@@ -342,7 +393,7 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
 
     // Closing the pull request removes its preview, and the comment says so.
     api_ok(
-        &env,
+        env,
         "PATCH",
         &format!("/repos/{full_name}/pulls/{pr}"),
         Some(&json!({"state": "closed"})),
@@ -351,20 +402,20 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
     );
     converge(
         &ns.name,
-        &gitsync,
+        gitsync,
         Duration::from_secs(60),
         "the closed pull request's preview is gone",
         || !namespace_lives(&preview),
     );
     assert!(
-        kommit_comments(&env, &full_name, pr)[0].contains("was removed"),
+        kommit_comments(env, full_name, pr)[0].contains("was removed"),
         "the comment says the preview was removed"
     );
 
     // A fork's pull request is left alone until approved, and each push needs a new approval.
     let fork_user = unique("forker");
     api_ok(
-        &env,
+        env,
         "POST",
         "/admin/users",
         Some(
@@ -375,20 +426,20 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
         &[201],
     );
     api_ok(
-        &env,
+        env,
         "POST",
         &format!("/repos/{full_name}/forks"),
         Some(&json!({})),
         Some(&fork_user),
         &[201, 202],
     );
-    repo.git(&["checkout", "-q", "-b", "from-fork", &main]);
+    repo.git(&["checkout", "-q", "-b", "from-fork", main]);
     repo.write("deploy/web.yaml", &web("nginx:1.28"));
     let fork_head = repo.commit("Web on nginx 1.28, from a fork");
-    push(&env, &repo, &fork_user, &name, "from-fork");
+    push(env, repo, &fork_user, name, "from-fork");
     let fork_pr = open_pull_request(
-        &env,
-        &full_name,
+        env,
+        full_name,
         &format!("{fork_user}:from-fork"),
         "from a fork",
         Some(&fork_user),
@@ -396,11 +447,11 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
     let fork_preview = format!("{gitsync}-pr-{fork_pr}");
     converge(
         &ns.name,
-        &gitsync,
+        gitsync,
         Duration::from_secs(60),
         "the fork's pull request waits for approval",
         || {
-            commit_status(&env, &full_name, &fork_head, "kommit/diff")
+            commit_status(env, full_name, &fork_head, "kommit/diff")
                 .is_some_and(|s| s.0 == "pending")
         },
     );
@@ -409,12 +460,12 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
         "no preview before approval"
     );
     assert!(
-        kommit_comments(&env, &full_name, fork_pr).is_empty(),
+        kommit_comments(env, full_name, fork_pr).is_empty(),
         "no comment before approval"
     );
     let approve = || {
         api_ok(
-            &env,
+            env,
             "POST",
             &format!("/repos/{full_name}/issues/{fork_pr}/labels"),
             Some(&json!({"labels": [label["id"]]})),
@@ -425,23 +476,23 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
     approve();
     converge(
         &ns.name,
-        &gitsync,
+        gitsync,
         Duration::from_secs(120),
         "the approved fork gets its preview",
         || image_in(&fork_preview) == "nginx:1.28",
     );
     repo.write("deploy/web.yaml", &web("nginx:1.29"));
     let fork_push = repo.commit("Web on nginx 1.29, pushed after the approval");
-    push(&env, &repo, &fork_user, &name, "from-fork");
+    push(env, repo, &fork_user, name, "from-fork");
     let labels = |v: &Value| v["labels"].as_array().map(|l| l.len()).unwrap_or(0);
     converge(
         &ns.name,
-        &gitsync,
+        gitsync,
         Duration::from_secs(90),
         "the push after approval takes the approval away",
         || {
             let pr = api_ok(
-                &env,
+                env,
                 "GET",
                 &format!("/repos/{full_name}/pulls/{fork_pr}"),
                 None,
@@ -449,7 +500,7 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
                 &[200],
             );
             labels(&pr) == 0
-                && commit_status(&env, &full_name, &fork_push, "kommit/diff")
+                && commit_status(env, full_name, &fork_push, "kommit/diff")
                     .is_some_and(|s| s.0 == "pending")
         },
     );
@@ -460,21 +511,14 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
     );
 
     // Deleting the GitSync removes its previews (its finalizer), then the GitSync itself.
-    kubectl_ok(&[
-        "delete",
-        "gitsync",
-        &gitsync,
-        "-n",
-        &ns.name,
-        "--wait=false",
-    ]);
+    kubectl_ok(&["delete", "gitsync", gitsync, "-n", &ns.name, "--wait=false"]);
     let broken_preview = format!("{gitsync}-pr-{broken}");
     wait_until(
         Duration::from_secs(60),
         "the previews go with their GitSync",
         || {
             !namespace_lives(&broken_preview)
-                && !kubectl(&["get", "gitsync", &gitsync, "-n", &ns.name])
+                && !kubectl(&["get", "gitsync", gitsync, "-n", &ns.name])
                     .status
                     .success()
         },
@@ -484,33 +528,17 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
 
 #[test]
 fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_idle() {
-    install_gitsync_crd();
-    let env = forge();
-    let ns = TestNamespace::new("previews-limits");
-    let gitsync = ns.name.clone();
-    let name = unique("limits");
-    let owner = env.user.clone();
-    let full_name = format!("{owner}/{name}");
-    api_ok(
-        &env,
-        "POST",
-        "/user/repos",
-        Some(&json!({"name": name, "default_branch": "main"})),
-        None,
-        &[201],
-    );
-    let repo = GitRepo::new();
-    repo.write("deploy/web.yaml", &web("nginx:1.25"));
-    let main = repo.commit("Web on nginx 1.25");
-    push(&env, &repo, &owner, &name, "main");
-    kubectl_apply(
-        &ns.name,
-        &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: forge}}\nstringData:\n  token: {}\n",
-            env.token
-        ),
-        &[],
-    );
+    let scene = Scene::new("previews-limits");
+    let Scene {
+        env,
+        ns,
+        gitsync,
+        owner,
+        name,
+        full_name,
+        repo,
+        main,
+    } = &scene;
     // Locked tenancy: the GitSync acts as a ServiceAccount that may edit its own namespace,
     // and kommit binds it to `edit` in each preview namespace, and only there.
     kubectl_ok(&["create", "serviceaccount", "deployer", "-n", &ns.name]);
@@ -532,18 +560,10 @@ fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_id
         ],
         &[],
     );
-    kubectl_apply(
-        &ns.name,
-        &format!(
-            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {gitsync}}}\nspec:\n  repo: {}/{full_name}.git\n  branch: main\n  path: deploy\n  interval: 1m\n  secretRef: {{name: forge}}\n  pullRequests:\n    provider: gitea\n    previews: true\n    maxPreviews: 1\n    ttl: 45s\n",
-            env.url
-        ),
-        &[],
+    scene.sync_main(
+        "1m",
+        "    previews: true\n    maxPreviews: 1\n    ttl: 45s\n",
     );
-    let status = |path: &str| jsonpath(&ns.name, &format!("gitsync/{gitsync}"), path);
-    wait_until(Duration::from_secs(90), "production runs main", || {
-        status("{.status.lastAppliedCommit}") == main
-    });
 
     // The oldest pull request takes the one preview; it would write outside its namespace.
     repo.git(&["checkout", "-q", "-b", "escape"]);
@@ -552,19 +572,19 @@ fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_id
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: escape\n  namespace: kube-system\ndata:\n  x: y\n",
     );
     let escape_head = repo.commit("A ConfigMap in kube-system");
-    push(&env, &repo, &owner, &name, "escape");
-    let escape = open_pull_request(&env, &full_name, "escape", "escape", None);
+    push(env, repo, owner, name, "escape");
+    let escape = open_pull_request(env, full_name, "escape", "escape", None);
     converge(
         &ns.name,
-        &gitsync,
+        gitsync,
         Duration::from_secs(90),
         "the escaping preview is refused",
         || {
-            commit_status(&env, &full_name, &escape_head, "kommit/preview")
+            commit_status(env, full_name, &escape_head, "kommit/preview")
                 .is_some_and(|s| s.0 == "failure")
         },
     );
-    let (_, why) = commit_status(&env, &full_name, &escape_head, "kommit/preview").unwrap();
+    let (_, why) = commit_status(env, full_name, &escape_head, "kommit/preview").unwrap();
     assert!(
         why.contains("kube-system"),
         "the status names the namespace: {why}"
@@ -577,19 +597,19 @@ fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_id
     );
 
     // The next pull request finds no preview left for it.
-    repo.git(&["checkout", "-q", "-b", "new-image", &main]);
+    repo.git(&["checkout", "-q", "-b", "new-image", main]);
     repo.write("deploy/web.yaml", &web("nginx:1.26"));
     let head = repo.commit("Web on nginx 1.26");
-    push(&env, &repo, &owner, &name, "new-image");
-    let pr = open_pull_request(&env, &full_name, "new-image", "nginx 1.26", None);
+    push(env, repo, owner, name, "new-image");
+    let pr = open_pull_request(env, full_name, "new-image", "nginx 1.26", None);
     let preview = format!("{gitsync}-pr-{pr}");
     converge(
         &ns.name,
-        &gitsync,
+        gitsync,
         Duration::from_secs(90),
         "the second pull request is told previews are full",
         || {
-            commit_status(&env, &full_name, &head, "kommit/preview")
+            commit_status(env, full_name, &head, "kommit/preview")
                 .is_some_and(|s| s.1.contains("maxPreviews"))
         },
     );
@@ -609,7 +629,7 @@ fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_id
         .success(),
         "the GitSync's ServiceAccount gains no rights outside its previews"
     );
-    let listed = kubectl_ok(&["get", "gitsync", &gitsync, "-n", &ns.name]);
+    let listed = kubectl_ok(&["get", "gitsync", gitsync, "-n", &ns.name]);
     assert!(
         listed.contains("PREVIEWS"),
         "kubectl get shows the previews: {listed}"
@@ -619,8 +639,8 @@ fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_id
     let escape_preview = format!("{gitsync}-pr-{escape}");
     converge(
         &ns.name,
-        &gitsync,
-        Duration::from_secs(120),
+        gitsync,
+        Duration::from_secs(240),
         "the idle preview expires and the next one is made",
         || !namespace_lives(&escape_preview) && image_in(&preview) == "nginx:1.26",
     );
@@ -644,20 +664,13 @@ fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_id
             ) == "Expired"
         },
     );
-    kubectl_ok(&[
-        "delete",
-        "gitsync",
-        &gitsync,
-        "-n",
-        &ns.name,
-        "--wait=false",
-    ]);
+    kubectl_ok(&["delete", "gitsync", gitsync, "-n", &ns.name, "--wait=false"]);
     wait_until(
         Duration::from_secs(60),
         "the previews go with their GitSync",
         || {
             !namespace_lives(&preview)
-                && !kubectl(&["get", "gitsync", &gitsync, "-n", &ns.name])
+                && !kubectl(&["get", "gitsync", gitsync, "-n", &ns.name])
                     .status
                     .success()
         },
@@ -666,40 +679,23 @@ fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_id
 
 #[test]
 fn the_forges_pull_request_webhook_brings_the_comment_before_the_interval() {
-    install_gitsync_crd();
-    let env = forge();
-    let ns = TestNamespace::new("previews-webhook");
-    let gitsync = ns.name.clone();
-    let name = unique("hooked");
-    let owner = env.user.clone();
-    let full_name = format!("{owner}/{name}");
-    api_ok(
-        &env,
-        "POST",
-        "/user/repos",
-        Some(&json!({"name": name, "default_branch": "main"})),
-        None,
-        &[201],
-    );
-    let repo = GitRepo::new();
-    repo.write("deploy/web.yaml", &web("nginx:1.25"));
-    let main = repo.commit("Web on nginx 1.25");
-    push(&env, &repo, &owner, &name, "main");
-    kubectl_apply(
-        &ns.name,
-        &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: forge}}\nstringData:\n  token: {}\n",
-            env.token
-        ),
-        &[],
-    );
+    let scene = Scene::new("previews-webhook");
+    let Scene {
+        env,
+        ns,
+        owner,
+        name,
+        full_name,
+        repo,
+        ..
+    } = &scene;
     let secret = "pull-request-webhook-secret";
     let operator = OperatorProcess::start(
         &["--watch-namespace", &ns.name],
         &[("KOMMIT_WEBHOOK_SECRET", secret)],
     );
     api_ok(
-        &env,
+        env,
         "POST",
         &format!("/repos/{full_name}/hooks"),
         Some(&json!({
@@ -716,33 +712,23 @@ fn the_forges_pull_request_webhook_brings_the_comment_before_the_interval() {
         &[201],
     );
     // An hour between looks: only the webhook can bring the comment in time.
-    kubectl_apply(
-        &ns.name,
-        &format!(
-            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {gitsync}}}\nspec:\n  repo: {}/{full_name}.git\n  branch: main\n  path: deploy\n  interval: 1h\n  secretRef: {{name: forge}}\n  pullRequests:\n    provider: gitea\n",
-            env.url
-        ),
-        &[],
-    );
-    let status = |path: &str| jsonpath(&ns.name, &format!("gitsync/{gitsync}"), path);
-    wait_until(Duration::from_secs(90), "production runs main", || {
-        status("{.status.lastAppliedCommit}") == main
-    });
+    scene.sync_main("1h", "");
+    let status = |path: &str| scene.status(path);
     repo.git(&["checkout", "-q", "-b", "new-image"]);
     repo.write("deploy/web.yaml", &web("nginx:1.26"));
     let head = repo.commit("Web on nginx 1.26");
-    push(&env, &repo, &owner, &name, "new-image");
-    let pr = open_pull_request(&env, &full_name, "new-image", "nginx 1.26", None);
+    push(env, repo, owner, name, "new-image");
+    let pr = open_pull_request(env, full_name, "new-image", "nginx 1.26", None);
     wait_until(
         Duration::from_secs(60),
         "the webhook brings the comment and the status",
         || {
-            kommit_comments(&env, &full_name, pr).len() == 1
-                && commit_status(&env, &full_name, &head, "kommit/diff")
+            kommit_comments(env, full_name, pr).len() == 1
+                && commit_status(env, full_name, &head, "kommit/diff")
                     .is_some_and(|s| s.0 == "success")
         },
     );
-    assert!(kommit_comments(&env, &full_name, pr)[0].contains("nginx:1.26"));
+    assert!(kommit_comments(env, full_name, pr)[0].contains("nginx:1.26"));
     assert!(
         operator.metric(r#"kommit_webhooks_total{provider="gitea",result="triggered"}"#) >= 1.0,
         "{}",
