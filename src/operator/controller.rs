@@ -351,6 +351,10 @@ async fn sync_gitsync(
             .map_err(|message| OperatorError::Previews { message })?;
         status.previews = None;
     }
+    if spec.pull_requests.is_none() {
+        status.pull_requests.clear();
+        status.pull_requests_error = None;
+    }
     if super::pull_requests::keep_finalizer(context, gitsync, previews)
         .await
         .map_err(|message| OperatorError::Previews { message })?
