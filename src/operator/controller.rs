@@ -23,7 +23,6 @@ use super::metrics::{GitSyncLabels, Metrics};
 use super::{Condition, ConditionType, GitSync, GitSyncStatus, InventoryEntry, Reason};
 use crate::audit::{self, HistoryEntry, Outcome};
 use crate::cluster::{Cluster, ClusterError, Identity};
-use crate::duration::parse_duration;
 use crate::object::FIELD_MANAGER;
 use crate::plan::{Action as PlanAction, ProblemKind};
 use crate::reconcile::continuous::{self, NextStep};
@@ -223,7 +222,7 @@ pub async fn run(
 }
 
 fn interval_of(gitsync: &GitSync) -> Duration {
-    parse_duration(&gitsync.spec.interval).unwrap_or(Duration::from_secs(60))
+    gitsync.spec.interval().every
 }
 
 fn error_policy(gitsync: Arc<GitSync>, error: &OperatorError, _: Arc<Context>) -> Action {
@@ -257,7 +256,11 @@ async fn reconcile_one(
         name: gitsync.name_any(),
     };
     let started = Instant::now();
-    let interval = interval_of(&gitsync);
+    let interval = gitsync.spec.interval();
+    if let Some(adjusted) = &interval.adjusted {
+        tracing::warn!(namespace = %labels.namespace, name = %labels.name, "{adjusted}");
+    }
+    let interval = interval.every;
     let span = tracing::info_span!("gitsync", namespace = %labels.namespace, name = %labels.name, repo = %redact_url(&gitsync.spec.repo));
     let result =
         tracing::Instrument::instrument(sync_gitsync(&gitsync, &context, interval), span).await;
