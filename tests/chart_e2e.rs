@@ -1551,13 +1551,15 @@ fn with_namespaced_roles_over_two_namespaces_health_and_prune_reach_both() {
 
     repo.remove("deploy/elsewhere.yaml");
     let v2 = repo.commit("The other app moves out of this repository");
+    let asked = request_reconcile(&home.name, "shop");
     wait_for(
         &operator,
         &home.name,
         Duration::from_secs(90),
         "the object of the emptied namespace is pruned",
         || {
-            status("{.status.lastAppliedCommit}") == v2
+            reconcile_handled(&home.name, "shop", &asked)
+                && status("{.status.lastAppliedCommit}") == v2
                 && !exists(&other.name, "deployment/elsewhere")
         },
     );

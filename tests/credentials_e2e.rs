@@ -142,11 +142,9 @@ fn the_operator_fetches_with_the_secret_of_a_gitsync() {
 
     // With the Secret, the next attempt fetches with its token and applies the commit.
     kubectl_apply(&ns.name, &token_secret("git-creds", TOKEN), &[]);
-    let asked = request_reconcile(&ns.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &ns.name,
         "shop",
-        &asked,
         Duration::from_secs(90),
         "the commit is applied with the Secret's token",
         || jsonpath(&ns.name, "gitsync/shop", "{.status.lastAppliedCommit}") == commit,

@@ -39,11 +39,9 @@ fn a_gitsync_follows_its_repository_rolls_back_a_bad_commit_and_can_be_suspended
 
     repo.write("deploy/web.yaml", &web("nginx:1.26"));
     let v2 = repo.commit("Web on nginx 1.26");
-    let asked = request_reconcile(&ns.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &ns.name,
         "shop",
-        &asked,
         Duration::from_secs(90),
         "the new commit rolls out",
         || status("{.status.lastAppliedCommit}") == v2 && image() == "nginx:1.26",
@@ -51,11 +49,9 @@ fn a_gitsync_follows_its_repository_rolls_back_a_bad_commit_and_can_be_suspended
 
     repo.write("deploy/web.yaml", &web("nginx:broken"));
     let v3 = repo.commit("Web on a broken build");
-    let asked = request_reconcile(&ns.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &ns.name,
         "shop",
-        &asked,
         Duration::from_secs(120),
         "the broken commit is rolled back",
         || {
@@ -85,11 +81,9 @@ fn a_gitsync_follows_its_repository_rolls_back_a_bad_commit_and_can_be_suspended
     );
     repo.write("deploy/web.yaml", &web("nginx:1.27"));
     repo.commit("Web on nginx 1.27");
-    let asked = request_reconcile(&ns.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &ns.name,
         "shop",
-        &asked,
         Duration::from_secs(30),
         "a reconcile after the commit is done, and still says suspended",
         || status("{.status.conditions[?(@.type=='Ready')].reason}") == "Suspended",
@@ -164,11 +158,9 @@ fn deleting_a_file_prunes_its_object_and_a_drifted_field_is_healed() {
     ]);
     kubectl_ok(&["scale", "deployment", "web", "-n", &ns.name, "--replicas=4"]);
     // The next look (here asked for; else the interval's) finds the drift and heals it.
-    let asked = request_reconcile(&ns.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &ns.name,
         "shop",
-        &asked,
         Duration::from_secs(60),
         "the hand edits are healed",
         || mode() == "from-git" && jsonpath(&ns.name, "deployment/web", "{.spec.replicas}") == "2",
@@ -176,11 +168,9 @@ fn deleting_a_file_prunes_its_object_and_a_drifted_field_is_healed() {
 
     repo.remove("deploy/settings.yaml");
     let v2 = repo.commit("Settings are no longer needed");
-    let asked = request_reconcile(&ns.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &ns.name,
         "shop",
-        &asked,
         Duration::from_secs(60),
         "the removed file's ConfigMap is pruned",
         || {
@@ -386,11 +376,9 @@ fn of_two_operators_only_the_leader_reconciles_and_the_other_takes_over() {
         status("{.status.lastAppliedCommit}") == v1
     });
     // A second reconcile, asked for: the leader does it, the standby still nothing.
-    let asked = request_reconcile(&ns.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &ns.name,
         "shop",
-        &asked,
         Duration::from_secs(60),
         "the requested reconcile is done",
         || true,
@@ -409,11 +397,9 @@ fn of_two_operators_only_the_leader_reconciles_and_the_other_takes_over() {
     repo.write("deploy/web.yaml", &web("nginx:1.26"));
     let v2 = repo.commit("Web on nginx 1.26");
     // Asked while no replica leads: the standby handles it once it does.
-    let asked = request_reconcile(&ns.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &ns.name,
         "shop",
-        &asked,
         Duration::from_secs(90),
         "the standby takes over and applies the next commit",
         || status("{.status.lastAppliedCommit}") == v2,
@@ -482,11 +468,9 @@ fn hand_edits_without_self_heal_are_reported_as_drift_naming_fields_and_managers
         &ns.name,
         "web=nginx:hacked",
     ]);
-    let asked = request_reconcile(&ns.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &ns.name,
         "shop",
-        &asked,
         Duration::from_secs(60),
         "the GitSync reports drift",
         || status("{.status.conditions[?(@.type=='Synced')].reason}") == "Drift",
@@ -506,11 +490,9 @@ fn hand_edits_without_self_heal_are_reported_as_drift_naming_fields_and_managers
         "Drift"
     );
     // Nothing was written: the hand edits stand through a further check.
-    let asked = request_reconcile(&ns.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &ns.name,
         "shop",
-        &asked,
         Duration::from_secs(60),
         "a further drift check is done and still reports drift",
         || status("{.status.conditions[?(@.type=='Synced')].reason}") == "Drift",
@@ -524,11 +506,9 @@ fn hand_edits_without_self_heal_are_reported_as_drift_naming_fields_and_managers
     // A new commit that touches the drifted fields is not applied over them either.
     repo.write("deploy/web.yaml", &web("nginx:1.26"));
     repo.commit("Web on nginx 1.26");
-    let asked = request_reconcile(&ns.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &ns.name,
         "shop",
-        &asked,
         Duration::from_secs(60),
         "the new commit is held back by the drift",
         || {
@@ -699,11 +679,9 @@ fn a_crd_installed_after_the_operator_started_is_seen_at_the_next_reconcile() {
     ]);
     let gadget = format!("gadget.{group}/g");
     let found = std::panic::catch_unwind(|| {
-        let asked = request_reconcile(&ns.name, "shop");
-        wait_until_handled(
+        reconcile_and_wait(
             &ns.name,
             "shop",
-            &asked,
             Duration::from_secs(60),
             "the Gadget is synced",
             || kubectl(&["get", "-n", &ns.name, &gadget]).status.success(),

@@ -160,11 +160,9 @@ fn a_team_admin_of_its_namespace_cannot_write_into_another_nor_bind_cluster_admi
         ),
     );
     repo.commit("Make the deployer cluster-admin");
-    let asked = request_reconcile(&a.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &a.name,
         "shop",
-        &asked,
         Duration::from_secs(60),
         "the ClusterRoleBinding is refused as Forbidden",
         || ready("reason") == "Forbidden" && ready("message").contains("ClusterRoleBinding"),
@@ -189,11 +187,9 @@ fn a_team_admin_of_its_namespace_cannot_write_into_another_nor_bind_cluster_admi
     repo.remove("deploy/root.yaml");
     repo.write("deploy/extra.yaml", &config_map("extra", None, "team-a"));
     repo.commit("Only our own settings");
-    let asked = request_reconcile(&a.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &a.name,
         "shop",
-        &asked,
         Duration::from_secs(60),
         "the commit within namespace a is applied",
         || ready("status") == "True",
@@ -215,11 +211,9 @@ fn a_team_admin_of_its_namespace_cannot_write_into_another_nor_bind_cluster_admi
     // Prune, made as the ServiceAccount too, removes what left git in namespace a.
     repo.remove("deploy/extra.yaml");
     let last = repo.commit("No extra settings");
-    let asked = request_reconcile(&a.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &a.name,
         "shop",
-        &asked,
         Duration::from_secs(60),
         "the removed file's ConfigMap is pruned",
         || {
@@ -288,11 +282,9 @@ fn under_a_default_service_account_a_gitsync_can_do_only_what_that_account_may()
         "--clusterrole=edit",
         &format!("--serviceaccount={}:default", ns.name),
     ]);
-    let asked = request_reconcile(&ns.name, "shop");
-    wait_until_handled(
+    reconcile_and_wait(
         &ns.name,
         "shop",
-        &asked,
         Duration::from_secs(60),
         "the commit is applied once the ServiceAccount may",
         || ready("status") == "True",

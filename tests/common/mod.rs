@@ -193,6 +193,18 @@ pub fn request_reconcile(namespace: &str, name: &str) -> String {
     token
 }
 
+/// Asks for a reconcile of GitSync `name` and waits until it is done and `check` holds.
+pub fn reconcile_and_wait(
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl FnMut() -> bool,
+) {
+    let token = request_reconcile(namespace, name);
+    wait_until_handled(namespace, name, &token, timeout, what, check);
+}
+
 /// Whether the reconcile asked for with `token` is done (its outcome is in the status).
 pub fn reconcile_handled(namespace: &str, name: &str, token: &str) -> bool {
     jsonpath(
