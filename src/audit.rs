@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use kube::api::{Api, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Cluster, ClusterError};
+use crate::cluster::{Cluster, ClusterError, Fence};
 use crate::commit::CommitInfo;
 use crate::object::{FIELD_MANAGER, ObjectKey};
 
@@ -301,6 +301,9 @@ pub struct SourceLock {
     /// `None` when there was nowhere to put the lock yet: the record's namespace is one the
     /// commit creates, so no sync of this source has happened there.
     renewal: Option<tokio::task::JoinHandle<()>>,
+    /// The fence of the sync's writes: a replica that may have lost its lease neither renews
+    /// nor releases the lock (it expires by itself).
+    fence: Option<Fence>,
 }
 
 impl SourceLock {
@@ -310,6 +313,14 @@ impl SourceLock {
             return;
         };
         renewal.abort();
+        if self
+            .fence
+            .as_ref()
+            .is_some_and(|fence| !fence.allows_writes())
+        {
+            tracing::info!(record = %self.name, "not releasing the sync lock: this replica may no longer lead; it expires by itself");
+            return;
+        }
         let Ok(Some(config_map)) = self.api.get_opt(&self.name).await else {
             return;
         };
@@ -459,9 +470,13 @@ impl RecordStore {
                 Ok(()) => {
                     let (api, name, renewed) =
                         (self.api.clone(), self.name.clone(), holder.to_string());
+                    let fence = self.cluster.fence().cloned();
                     let renewal = tokio::spawn(async move {
                         loop {
                             tokio::time::sleep(LOCK_TTL / 3).await;
+                            if fence.as_ref().is_some_and(|fence| !fence.allows_writes()) {
+                                continue;
+                            }
                             let until = unix_now() + LOCK_TTL.as_secs() as i64;
                             let patch = serde_json::json!({"metadata": {"annotations": {
                                 LOCK_ANNOTATION: format!("{renewed}|{until}"),
@@ -479,6 +494,7 @@ impl RecordStore {
                         name: self.name.clone(),
                         holder: holder.to_string(),
                         renewal: Some(renewal),
+                        fence: self.cluster.fence().cloned(),
                     }));
                 }
                 // The namespace does not exist yet (the commit creates it): nothing of this
@@ -489,6 +505,7 @@ impl RecordStore {
                         name: self.name.clone(),
                         holder: holder.to_string(),
                         renewal: None,
+                        fence: self.cluster.fence().cloned(),
                     }));
                 }
                 // Someone else wrote in between: look again.
@@ -536,6 +553,8 @@ impl RecordStore {
 pub struct Events {
     client: kube::Client,
     instance: String,
+    /// A replica that may have lost its lease publishes nothing, as it writes nothing.
+    fence: Option<Fence>,
 }
 
 /// Who reports the events.
@@ -547,6 +566,7 @@ impl Events {
             // The operator's own: a GitSync's ServiceAccount need not be allowed to write Events.
             client: cluster.own_client().clone(),
             instance: cluster.instance().unwrap_or("kommit").to_string(),
+            fence: cluster.fence().cloned(),
         }
     }
 
@@ -562,6 +582,12 @@ impl Events {
         use k8s_openapi::api::events::v1::Event;
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 
+        if let Some(fence) = &self.fence
+            && let Err(fenced) = fence.check(&format!("an event on {key}"))
+        {
+            tracing::warn!(error = %fenced, "event not published");
+            return;
+        }
         let regarding = ObjectReference {
             api_version: Some(api_version.to_string()),
             kind: Some(key.kind.clone()),

@@ -115,6 +115,17 @@ impl Fence {
             .unwrap_or_else(|e| e.into_inner())
             .is_some_and(|until| std::time::Instant::now() < until)
     }
+
+    /// Refuses a write of `object` that the fence does not allow, before it is sent.
+    pub fn check(&self, object: &str) -> Result<(), ClusterError> {
+        if self.allows_writes() {
+            Ok(())
+        } else {
+            Err(ClusterError::Fenced {
+                object: object.to_string(),
+            })
+        }
+    }
 }
 
 /// What the API server refused, read from its 403: who may not do what, and where.
@@ -433,12 +444,15 @@ impl Cluster {
 
     /// Refuses a write the fence does not allow, before it is sent.
     pub fn check_fence(&self, object: &str) -> Result<(), ClusterError> {
-        match &self.fence {
-            Some(fence) if !fence.allows_writes() => Err(ClusterError::Fenced {
-                object: object.to_string(),
-            }),
-            _ => Ok(()),
-        }
+        self.fence
+            .as_ref()
+            .map_or(Ok(()), |fence| fence.check(object))
+    }
+
+    /// The fence of this cluster's writes, if any: for writes made through a client of their
+    /// own (GitSync statuses, Events, source locks), which must stop with the others.
+    pub fn fence(&self) -> Option<&Fence> {
+        self.fence.as_ref()
     }
 
     /// The same cluster, every request made as `identity` (Kubernetes impersonation); the

@@ -15,13 +15,17 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         }
         let value: u64 = number.parse().map_err(|_| bad())?;
         number.clear();
-        total += value
-            * match c {
-                's' => 1,
-                'm' => 60,
-                'h' => 3600,
-                _ => return Err(bad()),
-            };
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return Err(bad()),
+        };
+        // A number too large to hold is refused, not wrapped round to a small one.
+        total = value
+            .checked_mul(unit)
+            .and_then(|seconds| total.checked_add(seconds))
+            .ok_or_else(bad)?;
     }
     if !number.is_empty() || text.is_empty() {
         return Err(bad());
@@ -41,7 +45,7 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        for bad in ["", "5x", "m", "1m3"] {
+        for bad in ["", "5x", "m", "1m3", "9999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -1,11 +1,15 @@
 //! The in-cluster face of kommit: the `GitSync` custom resource (group `kommit.dev`). Its CRD
 //! is generated from these types (`kommit crd`).
 
+use std::time::Duration;
+
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::HistoryEntry;
+use crate::duration::parse_duration;
+use http::REQUESTED_AT_ANNOTATION;
 
 pub mod controller;
 pub mod credentials;
@@ -51,8 +55,20 @@ pub struct GitSyncSpec {
     /// Namespace for manifests that name none (default: the GitSync's own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_namespace: Option<String>,
-    /// How often to fetch and to look for drift, e.g. `1m`, `30s`.
+    /// How often to fetch and to look for drift: whole hours, minutes and seconds in that
+    /// order, e.g. `30s`, `5m`, `1h30m`; at least `10s` (a push webhook or the
+    /// `kommit.dev/reconcile-requested-at` annotation syncs sooner). The API server checks it with
+    /// CEL's `duration()`, so the pattern keeps to what both CEL and kommit read: no bare number
+    /// of seconds, no fractions, no `ms`.
     #[serde(default = "default_interval")]
+    #[schemars(
+        length(min = 2, max = 21),
+        regex(pattern = INTERVAL_PATTERN),
+        extend("x-kubernetes-validations" = [{
+            "rule": interval_rule(),
+            "message": interval_floor_message(),
+        }])
+    )]
     pub interval: String,
     /// Delete objects that left git.
     #[serde(default)]
@@ -229,6 +245,76 @@ fn default_limit_memory() -> String {
 
 fn default_interval() -> String {
     "1m".to_string()
+}
+
+/// The shortest `spec.interval`. The CRD refuses less; a GitSync made under an older CRD that
+/// asks for less is reconciled at this interval instead (and the operator says so).
+pub const MIN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What `spec.interval` may be: whole hours, minutes and seconds in that order, each at most six
+/// digits (so the sum stays within what CEL's `duration()` can hold). It is a subset of both
+/// what CEL reads (which adds fractions, `ms`, `us`, `ns` and signs) and what
+/// [`parse_duration`] reads (which adds bare numbers of seconds), so both read it alike.
+pub const INTERVAL_PATTERN: &str = r"^([0-9]{1,6}h)?([0-9]{1,6}m)?([0-9]{1,6}s)?$";
+
+/// The CEL rule of the interval's floor. A value off the pattern (or empty, which the pattern
+/// admits and `minLength` refuses) is left to those checks' own messages: `duration()` would
+/// otherwise fail on it with an evaluation error.
+fn interval_rule() -> String {
+    format!(
+        "self == '' || !self.matches('{INTERVAL_PATTERN}') || duration(self) >= duration('{}s')",
+        MIN_INTERVAL.as_secs()
+    )
+}
+
+fn interval_floor_message() -> String {
+    format!(
+        "must be at least {}s; a push webhook or the {REQUESTED_AT_ANNOTATION} annotation \
+         syncs sooner",
+        MIN_INTERVAL.as_secs()
+    )
+}
+
+/// How often a GitSync is reconciled, and why not at its `spec.interval` when it is not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interval {
+    pub every: Duration,
+    /// Set when `spec.interval` was not used as written (below the floor, or unreadable: both
+    /// possible only under a CRD older than the floor).
+    pub adjusted: Option<String>,
+}
+
+impl GitSyncSpec {
+    /// The interval the operator reconciles this GitSync at.
+    pub fn interval(&self) -> Interval {
+        match parse_duration(&self.interval) {
+            Ok(every) if every >= MIN_INTERVAL => Interval {
+                every,
+                adjusted: None,
+            },
+            Ok(_) => Interval {
+                every: MIN_INTERVAL,
+                adjusted: Some(format!(
+                    "spec.interval {} is below the floor of {}s; reconciling every {}s (the \
+                     installed CRD predates the floor: upgrade it to have such values refused)",
+                    self.interval,
+                    MIN_INTERVAL.as_secs(),
+                    MIN_INTERVAL.as_secs()
+                )),
+            },
+            Err(problem) => {
+                let every = Duration::from_secs(60);
+                Interval {
+                    every,
+                    adjusted: Some(format!(
+                        "spec.interval {problem}; reconciling every {}s (the installed CRD \
+                         predates the check: upgrade it to have such values refused)",
+                        every.as_secs()
+                    )),
+                }
+            }
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -444,6 +530,76 @@ mod tests {
         assert!(yaml.contains("name: Commit") && yaml.contains("name: Health"));
         assert!(yaml.contains("autoRollback") && yaml.contains("secretRef"));
         assert!(yaml.contains("serviceAccountName"));
+    }
+
+    fn spec_with_interval(interval: &str) -> GitSyncSpec {
+        serde_json::from_value(serde_json::json!({"repo": "https://h/r.git", "interval": interval}))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_crd_refuses_intervals_below_the_floor_and_values_cel_cannot_read() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(GitSync::crd()).unwrap();
+        let interval = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["interval"];
+        assert_eq!(interval["pattern"], INTERVAL_PATTERN, "{interval}");
+        assert_eq!(interval["default"], "1m");
+        let rules = interval["x-kubernetes-validations"].as_array().unwrap();
+        let rule = rules[0]["rule"].as_str().unwrap();
+        assert!(
+            rule.contains(&format!("self.matches('{INTERVAL_PATTERN}')"))
+                && rule.contains("duration(self) >= duration('10s')"),
+            "{rule}"
+        );
+        assert!(
+            rules[0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("at least 10s")
+        );
+    }
+
+    #[test]
+    fn what_the_schema_admits_the_operator_reads_as_cel_does() {
+        // Values of the schema's pattern, and their durations as Go's ParseDuration (CEL) has
+        // them.
+        for (text, seconds) in [
+            ("10s", 10),
+            ("1m", 60),
+            ("1h30m", 5400),
+            ("2h0m5s", 7205),
+            ("999999h999999m999999s", 999_999 * 3661),
+        ] {
+            let interval = spec_with_interval(text).interval();
+            assert_eq!(interval.every, Duration::from_secs(seconds), "{text}");
+            assert_eq!(interval.adjusted, None, "{text}");
+        }
+    }
+
+    #[test]
+    fn an_interval_below_the_floor_from_an_older_crd_is_raised_to_it_and_said_so() {
+        for text in ["2s", "0s", "5"] {
+            let interval = spec_with_interval(text).interval();
+            assert_eq!(interval.every, MIN_INTERVAL, "{text}");
+            let said = interval.adjusted.unwrap();
+            assert!(
+                said.contains(text) && said.contains("floor of 10s"),
+                "{said}"
+            );
+        }
+        let unreadable = spec_with_interval("1.5m").interval();
+        assert_eq!(unreadable.every, Duration::from_secs(60));
+        assert!(
+            unreadable
+                .adjusted
+                .unwrap()
+                .contains("'1.5m' is not a duration")
+        );
+        assert_eq!(
+            spec_with_interval("90").interval().every,
+            Duration::from_secs(90)
+        );
     }
 
     #[test]

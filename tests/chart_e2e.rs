@@ -1014,12 +1014,13 @@ fn config_map(name: &str) -> String {
 }
 
 /// GitSync `shop` with prune and self-heal, and git credentials from a Secret (a file://
-/// repository needs none, but the operator reads them all the same).
+/// repository needs none, but the operator reads them all the same). It fetches once an hour:
+/// each later change is brought in by a reconcile request, as a push webhook would.
 fn apply_gitsync(namespace: &str, repo: &GitRepo) {
     kubectl_apply(
         namespace,
         &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: git-credentials}}\nstringData: {{token: not-a-real-token}}\n---\napiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: shop}}\nspec:\n  repo: file://{}\n  branch: main\n  path: deploy\n  interval: 2s\n  prune: true\n  selfHeal: true\n  secretRef: {{name: git-credentials}}\n",
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: git-credentials}}\nstringData: {{token: not-a-real-token}}\n---\napiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: shop}}\nspec:\n  repo: file://{}\n  branch: main\n  path: deploy\n  interval: 1h\n  prune: true\n  selfHeal: true\n  secretRef: {{name: git-credentials}}\n",
             repo.path_str()
         ),
         &[],
@@ -1204,36 +1205,47 @@ fn the_operator_does_its_whole_job(test: &str, values: &[&str]) {
         "-p",
         r#"{"spec":{"replicas":4}}"#,
     ]);
+    let asked = request_reconcile(&ns.name, "shop");
     wait_for(
         &operator,
         &ns.name,
         Duration::from_secs(60),
         "the drifted replica count is healed",
-        || jsonpath(&ns.name, "deployment/web", "{.spec.replicas}") == "2",
+        || {
+            reconcile_handled(&ns.name, "shop", &asked)
+                && jsonpath(&ns.name, "deployment/web", "{.spec.replicas}") == "2"
+        },
     );
 
     // A file leaves git: its object is pruned.
     repo.remove("deploy/config.yaml");
     let v2 = repo.commit("Configuration moves into the image");
+    let asked = request_reconcile(&ns.name, "shop");
     wait_for(
         &operator,
         &ns.name,
         Duration::from_secs(90),
         "the second commit is applied and the ConfigMap pruned",
-        || status("{.status.lastAppliedCommit}") == v2 && !exists(&ns.name, "configmap/web-config"),
+        || {
+            reconcile_handled(&ns.name, "shop", &asked)
+                && status("{.status.lastAppliedCommit}") == v2
+                && !exists(&ns.name, "configmap/web-config")
+        },
     );
     assert!(exists(&ns.name, "deployment/web") && exists(&ns.name, "service/web"));
 
     // A commit whose rollout fails is rolled back to the last healthy one.
     repo.write("deploy/web.yaml", &deployment("web", "nginx:broken"));
     let v3 = repo.commit("Web on a broken build");
+    let asked = request_reconcile(&ns.name, "shop");
     wait_for(
         &operator,
         &ns.name,
         Duration::from_secs(120),
         "the broken commit is rolled back",
         || {
-            status("{.status.history[0].commit}") == v3
+            reconcile_handled(&ns.name, "shop", &asked)
+                && status("{.status.history[0].commit}") == v3
                 && status("{.status.history[0].outcome}") == "rolled-back"
         },
     );
@@ -1350,8 +1362,9 @@ fn in_locked_mode_a_team_onboards_in_three_commands_and_its_commits_stay_in_its_
     );
 
     // Onboarding, step 3 first: a GitSync whose ServiceAccount has no rights yet is refused.
+    // It fetches once an hour; each later attempt is asked for (a reconcile request).
     let gitsync = format!(
-        "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: shop}}\nspec:\n  repo: file://{}\n  path: deploy\n  interval: 2s\n",
+        "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: shop}}\nspec:\n  repo: file://{}\n  path: deploy\n  interval: 1h\n",
         repo.path_str()
     );
     kubectl_apply(&team.name, &gitsync, &[]);
@@ -1387,13 +1400,15 @@ fn in_locked_mode_a_team_onboards_in_three_commands_and_its_commits_stay_in_its_
         "--clusterrole=admin",
         &format!("--serviceaccount={}:default", team.name),
     ]);
+    let asked = request_reconcile(&team.name, "shop");
     wait_for(
         &operator,
         &team.name,
         Duration::from_secs(120),
         "the team's commit is applied and healthy",
         || {
-            jsonpath(&team.name, "gitsync/shop", "{.status.lastAppliedCommit}") == v1
+            reconcile_handled(&team.name, "shop", &asked)
+                && jsonpath(&team.name, "gitsync/shop", "{.status.lastAppliedCommit}") == v1
                 && ready("status") == "True"
         },
     );
@@ -1412,12 +1427,13 @@ fn in_locked_mode_a_team_onboards_in_three_commands_and_its_commits_stay_in_its_
     );
     repo.write("deploy/web.yaml", &deployment("web", "nginx:1.26"));
     repo.commit("Web on nginx 1.26, and a ConfigMap elsewhere");
+    let asked = request_reconcile(&team.name, "shop");
     wait_for(
         &operator,
         &team.name,
         Duration::from_secs(60),
         "the commit reaching elsewhere is refused",
-        || ready("reason") == "Forbidden",
+        || reconcile_handled(&team.name, "shop", &asked) && ready("reason") == "Forbidden",
     );
     let message = ready("message");
     assert!(
@@ -1535,13 +1551,15 @@ fn with_namespaced_roles_over_two_namespaces_health_and_prune_reach_both() {
 
     repo.remove("deploy/elsewhere.yaml");
     let v2 = repo.commit("The other app moves out of this repository");
+    let asked = request_reconcile(&home.name, "shop");
     wait_for(
         &operator,
         &home.name,
         Duration::from_secs(90),
         "the object of the emptied namespace is pruned",
         || {
-            status("{.status.lastAppliedCommit}") == v2
+            reconcile_handled(&home.name, "shop", &asked)
+                && status("{.status.lastAppliedCommit}") == v2
                 && !exists(&other.name, "deployment/elsewhere")
         },
     );

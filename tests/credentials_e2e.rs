@@ -85,9 +85,11 @@ fn a_token_fetches_over_https_and_a_wrong_one_fails_without_showing_it() {
     );
 }
 
+/// A GitSync that fetches once an hour: a later attempt is asked for (a reconcile request), as
+/// one would after creating a missing Secret.
 fn gitsync(name: &str, url: &str, secret: &str) -> String {
     format!(
-        "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {name}}}\nspec:\n  repo: {url}\n  path: deploy\n  interval: 2s\n  secretRef: {{name: {secret}}}\n"
+        "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {name}}}\nspec:\n  repo: {url}\n  path: deploy\n  interval: 1h\n  secretRef: {{name: {secret}}}\n"
     )
 }
 
@@ -140,7 +142,9 @@ fn the_operator_fetches_with_the_secret_of_a_gitsync() {
 
     // With the Secret, the next attempt fetches with its token and applies the commit.
     kubectl_apply(&ns.name, &token_secret("git-creds", TOKEN), &[]);
-    wait_until(
+    reconcile_and_wait(
+        &ns.name,
+        "shop",
         Duration::from_secs(90),
         "the commit is applied with the Secret's token",
         || jsonpath(&ns.name, "gitsync/shop", "{.status.lastAppliedCommit}") == commit,

@@ -329,7 +329,7 @@ fn the_image_runs_as_the_charts_pod_reconciles_a_gitsync_leads_and_stops_on_sigt
     kubectl_apply(
         &ns.name,
         &format!(
-            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: shop}}\nspec:\n  repo: file://{repo_in_container}\n  branch: main\n  path: deploy\n  interval: 5s\n  prune: true\n  serviceAccountName: deployer\n"
+            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: shop}}\nspec:\n  repo: file://{repo_in_container}\n  branch: main\n  path: deploy\n  prune: true\n  serviceAccountName: deployer\n"
         ),
         &[],
     );

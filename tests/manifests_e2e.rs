@@ -449,7 +449,7 @@ fn a_gitsync_reads_only_what_its_include_and_exclude_name() {
     kubectl_apply(
         &ns.name,
         &format!(
-            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: shop}}\nspec:\n  repo: file://{}\n  interval: 2s\n  include: [deploy/]\n  exclude: [deploy/legacy/]\n",
+            "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: shop}}\nspec:\n  repo: file://{}\n  include: [deploy/]\n  exclude: [deploy/legacy/]\n",
             repo.path_str()
         ),
         &[],

@@ -21,7 +21,9 @@ fn a_gitsync_follows_its_repository_rolls_back_a_bad_commit_and_can_be_suspended
     let v1 = repo.commit("Web on nginx 1.25");
     let _operator =
         OperatorProcess::start(&["--watch-namespace", &ns.name, "--allow-local-repos"], &[]);
-    kubectl_apply(&ns.name, &gitsync("shop", &repo, "  interval: 2s\n"), &[]);
+    // An hour between fetches: each new commit is brought in by a reconcile request, as a push
+    // webhook would ask for it.
+    kubectl_apply(&ns.name, &gitsync("shop", &repo, "  interval: 1h\n"), &[]);
     let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
     let image = || web_image(&ns.name);
     wait_until(
@@ -37,13 +39,19 @@ fn a_gitsync_follows_its_repository_rolls_back_a_bad_commit_and_can_be_suspended
 
     repo.write("deploy/web.yaml", &web("nginx:1.26"));
     let v2 = repo.commit("Web on nginx 1.26");
-    wait_until(Duration::from_secs(90), "the new commit rolls out", || {
-        status("{.status.lastAppliedCommit}") == v2 && image() == "nginx:1.26"
-    });
+    reconcile_and_wait(
+        &ns.name,
+        "shop",
+        Duration::from_secs(90),
+        "the new commit rolls out",
+        || status("{.status.lastAppliedCommit}") == v2 && image() == "nginx:1.26",
+    );
 
     repo.write("deploy/web.yaml", &web("nginx:broken"));
     let v3 = repo.commit("Web on a broken build");
-    wait_until(
+    reconcile_and_wait(
+        &ns.name,
+        "shop",
         Duration::from_secs(120),
         "the broken commit is rolled back",
         || {
@@ -73,7 +81,13 @@ fn a_gitsync_follows_its_repository_rolls_back_a_bad_commit_and_can_be_suspended
     );
     repo.write("deploy/web.yaml", &web("nginx:1.27"));
     repo.commit("Web on nginx 1.27");
-    std::thread::sleep(Duration::from_secs(6));
+    reconcile_and_wait(
+        &ns.name,
+        "shop",
+        Duration::from_secs(30),
+        "a reconcile after the commit is done, and still says suspended",
+        || status("{.status.conditions[?(@.type=='Ready')].reason}") == "Suspended",
+    );
     assert_eq!(image(), "nginx:1.26", "a suspended GitSync changes nothing");
 }
 
@@ -111,7 +125,7 @@ fn deleting_a_file_prunes_its_object_and_a_drifted_field_is_healed() {
         &gitsync(
             "shop",
             &repo,
-            "  interval: 2s\n  prune: true\n  selfHeal: true\n",
+            "  interval: 1h\n  prune: true\n  selfHeal: true\n",
         ),
         &[],
     );
@@ -143,13 +157,20 @@ fn deleting_a_file_prunes_its_object_and_a_drifted_field_is_healed() {
         r#"{"data":{"mode":"edited-by-hand"}}"#,
     ]);
     kubectl_ok(&["scale", "deployment", "web", "-n", &ns.name, "--replicas=4"]);
-    wait_until(Duration::from_secs(60), "the hand edits are healed", || {
-        mode() == "from-git" && jsonpath(&ns.name, "deployment/web", "{.spec.replicas}") == "2"
-    });
+    // The next look (here asked for; else the interval's) finds the drift and heals it.
+    reconcile_and_wait(
+        &ns.name,
+        "shop",
+        Duration::from_secs(60),
+        "the hand edits are healed",
+        || mode() == "from-git" && jsonpath(&ns.name, "deployment/web", "{.spec.replicas}") == "2",
+    );
 
     repo.remove("deploy/settings.yaml");
     let v2 = repo.commit("Settings are no longer needed");
-    wait_until(
+    reconcile_and_wait(
+        &ns.name,
+        "shop",
         Duration::from_secs(60),
         "the removed file's ConfigMap is pruned",
         || {
@@ -349,12 +370,19 @@ fn of_two_operators_only_the_leader_reconciles_and_the_other_takes_over() {
         first.metric("kommit_leader") == 1.0
     });
     let second = OperatorProcess::start(&args, &[]);
-    kubectl_apply(&ns.name, &gitsync("shop", &repo, "  interval: 2s\n"), &[]);
+    kubectl_apply(&ns.name, &gitsync("shop", &repo, "  interval: 1h\n"), &[]);
     let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
     wait_until(Duration::from_secs(90), "the commit is applied", || {
         status("{.status.lastAppliedCommit}") == v1
     });
-    std::thread::sleep(Duration::from_secs(5));
+    // A second reconcile, asked for: the leader does it, the standby still nothing.
+    reconcile_and_wait(
+        &ns.name,
+        "shop",
+        Duration::from_secs(60),
+        "the requested reconcile is done",
+        || true,
+    );
     assert!(first.metric_sum("kommit_reconciles_total", &[r#"name="shop""#]) >= 2.0);
     assert_eq!(second.metric("kommit_leader"), 0.0);
     assert_eq!(
@@ -368,7 +396,10 @@ fn of_two_operators_only_the_leader_reconciles_and_the_other_takes_over() {
     first.kill();
     repo.write("deploy/web.yaml", &web("nginx:1.26"));
     let v2 = repo.commit("Web on nginx 1.26");
-    wait_until(
+    // Asked while no replica leads: the standby handles it once it does.
+    reconcile_and_wait(
+        &ns.name,
+        "shop",
         Duration::from_secs(90),
         "the standby takes over and applies the next commit",
         || status("{.status.lastAppliedCommit}") == v2,
@@ -420,7 +451,7 @@ fn hand_edits_without_self_heal_are_reported_as_drift_naming_fields_and_managers
         OperatorProcess::start(&["--watch-namespace", &ns.name, "--allow-local-repos"], &[]);
     kubectl_apply(
         &ns.name,
-        &gitsync("shop", &repo, "  interval: 2s\n  selfHeal: false\n"),
+        &gitsync("shop", &repo, "  interval: 1h\n  selfHeal: false\n"),
         &[],
     );
     let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
@@ -437,9 +468,13 @@ fn hand_edits_without_self_heal_are_reported_as_drift_naming_fields_and_managers
         &ns.name,
         "web=nginx:hacked",
     ]);
-    wait_until(Duration::from_secs(60), "the GitSync reports drift", || {
-        status("{.status.conditions[?(@.type=='Synced')].reason}") == "Drift"
-    });
+    reconcile_and_wait(
+        &ns.name,
+        "shop",
+        Duration::from_secs(60),
+        "the GitSync reports drift",
+        || status("{.status.conditions[?(@.type=='Synced')].reason}") == "Drift",
+    );
     let synced = status("{.status.conditions[?(@.type=='Synced')].status}");
     let message = status("{.status.conditions[?(@.type=='Synced')].message}");
     assert_eq!(synced, "False");
@@ -454,8 +489,14 @@ fn hand_edits_without_self_heal_are_reported_as_drift_naming_fields_and_managers
         status("{.status.conditions[?(@.type=='Ready')].reason}"),
         "Drift"
     );
-    // Nothing was written: the hand edits stand through further checks.
-    std::thread::sleep(Duration::from_secs(5));
+    // Nothing was written: the hand edits stand through a further check.
+    reconcile_and_wait(
+        &ns.name,
+        "shop",
+        Duration::from_secs(60),
+        "a further drift check is done and still reports drift",
+        || status("{.status.conditions[?(@.type=='Synced')].reason}") == "Drift",
+    );
     assert_eq!(web_image(&ns.name), "nginx:hacked");
     assert_eq!(
         jsonpath(&ns.name, "deployment/web", "{.spec.replicas}"),
@@ -465,7 +506,9 @@ fn hand_edits_without_self_heal_are_reported_as_drift_naming_fields_and_managers
     // A new commit that touches the drifted fields is not applied over them either.
     repo.write("deploy/web.yaml", &web("nginx:1.26"));
     repo.commit("Web on nginx 1.26");
-    wait_until(
+    reconcile_and_wait(
+        &ns.name,
+        "shop",
         Duration::from_secs(60),
         "the new commit is held back by the drift",
         || {
@@ -478,7 +521,8 @@ fn hand_edits_without_self_heal_are_reported_as_drift_naming_fields_and_managers
     assert_eq!(web_image(&ns.name), "nginx:hacked");
 }
 
-/// The same hand edits with self-heal on: git takes its fields back.
+/// The same hand edits with self-heal on: git takes its fields back, at the next interval, with
+/// nobody asking (the one operator test of the periodic look: 10 s, the floor).
 #[test]
 fn hand_edits_with_self_heal_are_taken_back() {
     install_gitsync_crd();
@@ -490,7 +534,7 @@ fn hand_edits_with_self_heal_are_taken_back() {
         OperatorProcess::start(&["--watch-namespace", &ns.name, "--allow-local-repos"], &[]);
     kubectl_apply(
         &ns.name,
-        &gitsync("shop", &repo, "  interval: 2s\n  selfHeal: true\n"),
+        &gitsync("shop", &repo, "  interval: 10s\n  selfHeal: true\n"),
         &[],
     );
     let status = |path: &str| jsonpath(&ns.name, "gitsync/shop", path);
@@ -610,7 +654,7 @@ fn a_crd_installed_after_the_operator_started_is_seen_at_the_next_reconcile() {
         ],
         &[],
     );
-    kubectl_apply(&ns.name, &gitsync("shop", &repo, "  interval: 2s\n"), &[]);
+    kubectl_apply(&ns.name, &gitsync("shop", &repo, "  interval: 1h\n"), &[]);
     let reason = || {
         jsonpath(
             &ns.name,
@@ -627,11 +671,21 @@ fn a_crd_installed_after_the_operator_started_is_seen_at_the_next_reconcile() {
         "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: gadgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names: {{plural: gadgets, singular: gadget, kind: Gadget}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        x-kubernetes-preserve-unknown-fields: true\n"
     );
     kubectl_apply(&ns.name, &crd, &[]);
+    kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        &format!("crd/gadgets.{group}"),
+        "--timeout=60s",
+    ]);
     let gadget = format!("gadget.{group}/g");
     let found = std::panic::catch_unwind(|| {
-        wait_until(Duration::from_secs(60), "the Gadget is synced", || {
-            kubectl(&["get", "-n", &ns.name, &gadget]).status.success()
-        })
+        reconcile_and_wait(
+            &ns.name,
+            "shop",
+            Duration::from_secs(60),
+            "the Gadget is synced",
+            || kubectl(&["get", "-n", &ns.name, &gadget]).status.success(),
+        )
     });
     let _ = kubectl(&["delete", &format!("crd/gadgets.{group}"), "--wait=false"]);
     assert!(

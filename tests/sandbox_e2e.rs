@@ -325,3 +325,59 @@ fn the_gitsync_crd_installs_and_serves_gitsyncs() {
         "{listed}"
     );
 }
+
+/// The API server itself refuses an interval below the floor (CEL in the CRD), naming the field,
+/// and a value CEL could not read gets the pattern's message rather than an evaluation error.
+#[test]
+fn the_gitsync_crd_refuses_an_interval_below_ten_seconds() {
+    install_gitsync_crd();
+    let ns = TestNamespace::new("crd-interval");
+    let apply = |name: &str, interval: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gitsync.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {name}}}\nspec:\n  repo: https://example.com/shop.git\n  interval: \"{interval}\"\n"
+            ),
+        )
+        .unwrap();
+        kubectl(&["apply", "-n", &ns.name, "-f", file.to_str().unwrap()])
+    };
+
+    let refused = apply("fast", "2s");
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success(), "2s was accepted");
+    assert!(
+        said.contains("spec.interval") && said.contains("must be at least 10s"),
+        "{said}"
+    );
+    assert!(
+        !kubectl(&["get", "-n", &ns.name, "gitsync/fast"])
+            .status
+            .success(),
+        "nothing was made"
+    );
+
+    let bare = apply("bare", "90");
+    let said = String::from_utf8_lossy(&bare.stderr).into_owned();
+    assert!(!bare.status.success(), "a bare number was accepted");
+    assert!(
+        said.contains("spec.interval") && said.contains("should match"),
+        "{said}"
+    );
+    assert!(!said.contains("evaluating rule"), "{said}");
+
+    for (name, interval) in [("floor", "10s"), ("minute", "1m"), ("long", "1h30m")] {
+        let accepted = apply(name, interval);
+        assert!(
+            accepted.status.success(),
+            "{interval}: {}",
+            String::from_utf8_lossy(&accepted.stderr)
+        );
+        assert_eq!(
+            jsonpath(&ns.name, &format!("gitsync/{name}"), "{.spec.interval}"),
+            interval
+        );
+    }
+}

@@ -20,9 +20,11 @@ fn config_map(name: &str, namespace: Option<&str>, owner: &str) -> String {
     )
 }
 
+/// A GitSync that fetches once an hour: a test brings in each later change with a reconcile
+/// request, as a push webhook would.
 fn gitsync(name: &str, repo: &str, extra: &str) -> String {
     format!(
-        "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {name}}}\nspec:\n  repo: {repo}\n  path: deploy\n  interval: 2s\n{extra}"
+        "apiVersion: kommit.dev/v1alpha1\nkind: GitSync\nmetadata: {{name: {name}}}\nspec:\n  repo: {repo}\n  path: deploy\n  interval: 1h\n{extra}"
     )
 }
 
@@ -158,7 +160,9 @@ fn a_team_admin_of_its_namespace_cannot_write_into_another_nor_bind_cluster_admi
         ),
     );
     repo.commit("Make the deployer cluster-admin");
-    wait_until(
+    reconcile_and_wait(
+        &a.name,
+        "shop",
         Duration::from_secs(60),
         "the ClusterRoleBinding is refused as Forbidden",
         || ready("reason") == "Forbidden" && ready("message").contains("ClusterRoleBinding"),
@@ -183,7 +187,9 @@ fn a_team_admin_of_its_namespace_cannot_write_into_another_nor_bind_cluster_admi
     repo.remove("deploy/root.yaml");
     repo.write("deploy/extra.yaml", &config_map("extra", None, "team-a"));
     repo.commit("Only our own settings");
-    wait_until(
+    reconcile_and_wait(
+        &a.name,
+        "shop",
         Duration::from_secs(60),
         "the commit within namespace a is applied",
         || ready("status") == "True",
@@ -205,7 +211,9 @@ fn a_team_admin_of_its_namespace_cannot_write_into_another_nor_bind_cluster_admi
     // Prune, made as the ServiceAccount too, removes what left git in namespace a.
     repo.remove("deploy/extra.yaml");
     let last = repo.commit("No extra settings");
-    wait_until(
+    reconcile_and_wait(
+        &a.name,
+        "shop",
         Duration::from_secs(60),
         "the removed file's ConfigMap is pruned",
         || {
@@ -274,7 +282,9 @@ fn under_a_default_service_account_a_gitsync_can_do_only_what_that_account_may()
         "--clusterrole=edit",
         &format!("--serviceaccount={}:default", ns.name),
     ]);
-    wait_until(
+    reconcile_and_wait(
+        &ns.name,
+        "shop",
         Duration::from_secs(60),
         "the commit is applied once the ServiceAccount may",
         || ready("status") == "True",

@@ -22,8 +22,7 @@ use super::http::REQUESTED_AT_ANNOTATION;
 use super::metrics::{GitSyncLabels, Metrics};
 use super::{Condition, ConditionType, GitSync, GitSyncStatus, InventoryEntry, Reason};
 use crate::audit::{self, HistoryEntry, Outcome};
-use crate::cluster::{Cluster, ClusterError, Identity};
-use crate::duration::parse_duration;
+use crate::cluster::{Cluster, ClusterError, Fence, Identity};
 use crate::object::FIELD_MANAGER;
 use crate::plan::{Action as PlanAction, ProblemKind};
 use crate::reconcile::continuous::{self, NextStep};
@@ -223,7 +222,7 @@ pub async fn run(
 }
 
 fn interval_of(gitsync: &GitSync) -> Duration {
-    parse_duration(&gitsync.spec.interval).unwrap_or(Duration::from_secs(60))
+    gitsync.spec.interval().every
 }
 
 fn error_policy(gitsync: Arc<GitSync>, error: &OperatorError, _: Arc<Context>) -> Action {
@@ -257,7 +256,11 @@ async fn reconcile_one(
         name: gitsync.name_any(),
     };
     let started = Instant::now();
-    let interval = interval_of(&gitsync);
+    let interval = gitsync.spec.interval();
+    if let Some(adjusted) = &interval.adjusted {
+        tracing::warn!(namespace = %labels.namespace, name = %labels.name, "{adjusted}");
+    }
+    let interval = interval.every;
     let span = tracing::info_span!("gitsync", namespace = %labels.namespace, name = %labels.name, repo = %redact_url(&gitsync.spec.repo));
     let result =
         tracing::Instrument::instrument(sync_gitsync(&gitsync, &context, interval), span).await;
@@ -313,7 +316,11 @@ async fn sync_gitsync(
     let name = gitsync.name_any();
     let namespace = gitsync.namespace().unwrap_or_else(|| "default".to_string());
     let spec = &gitsync.spec;
-    let api: Api<GitSync> = Api::namespaced(context.cluster.client().clone(), &namespace);
+    let api = Statuses {
+        api: Api::namespaced(context.cluster.client().clone(), &namespace),
+        namespace: namespace.clone(),
+        fence: context.cluster.fence().cloned(),
+    };
     let mut status = gitsync.status.clone().unwrap_or_default();
     let generation = gitsync.meta().generation;
     // Previews outlive nothing: the GitSync keeps a finalizer while it may have some, and its
@@ -877,27 +884,44 @@ impl GitSyncStatus {
     }
 }
 
+/// Where the GitSyncs of a namespace get their statuses: behind the fence of the operator's
+/// writes, so that a replica that can no longer be sure it leads writes no status either (it
+/// could overwrite the new leader's).
+struct Statuses {
+    api: Api<GitSync>,
+    namespace: String,
+    fence: Option<Fence>,
+}
+
 async fn write_status(
-    api: &Api<GitSync>,
+    statuses: &Statuses,
     name: &str,
     status: &GitSyncStatus,
 ) -> Result<(), OperatorError> {
+    if let Some(fence) = &statuses.fence {
+        let object = format!("the status of GitSync {}/{name}", statuses.namespace);
+        fence
+            .check(&object)
+            .map_err(|fenced| OperatorError::Reconcile(fenced.into()))?;
+    }
     let patch = json!({
         "apiVersion": GitSync::api_version(&()),
         "kind": GitSync::kind(&()),
         "status": status,
     });
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map(|_| ())
-    .map_err(|e| OperatorError::Status {
-        name: name.to_string(),
-        message: e.to_string(),
-    })
+    statuses
+        .api
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| OperatorError::Status {
+            name: name.to_string(),
+            message: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -1010,6 +1034,50 @@ mod tests {
             source: Box::new(forbidden()),
         };
         assert_eq!(failure_reason(&stopped), Reason::Forbidden);
+    }
+
+    /// A server that counts the connections made to it and answers none.
+    async fn counting_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = count.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        (address, count)
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_may_have_lost_its_lease_writes_no_status() {
+        let (address, connections) = counting_server().await;
+        let config = kube::Config::new(address.parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let fence = Fence::closed();
+        let statuses = Statuses {
+            api: Api::namespaced(client, "team"),
+            namespace: "team".into(),
+            fence: Some(fence.clone()),
+        };
+        let status = GitSyncStatus::default();
+
+        let refused = write_status(&statuses, "shop", &status).await.unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .starts_with("not writing the status of GitSync team/shop: this replica"),
+            "{refused}"
+        );
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        // While the lease is surely held, the status is sent (here to a server that hangs up).
+        fence.open_until(Instant::now() + Duration::from_secs(60));
+        let sent = write_status(&statuses, "shop", &status).await.unwrap_err();
+        assert!(!sent.to_string().contains("not writing"), "{sent}");
+        assert!(connections.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     }
 
     #[test]

@@ -168,6 +168,83 @@ pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool
     }
 }
 
+/// Asks the operator to reconcile GitSync `name` now, as a push webhook does (the
+/// `kommit.dev/reconcile-requested-at` annotation), and returns the request's token: the
+/// status's `lastHandledReconcileAt` shows it once a reconcile begun after the request is done.
+pub fn request_reconcile(namespace: &str, name: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let token = format!(
+        "{}-test-{}-{}",
+        kommit::audit::now_rfc3339(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    );
+    kubectl_ok(&[
+        "annotate",
+        "--overwrite",
+        "-n",
+        namespace,
+        &format!("gitsync/{name}"),
+        &format!(
+            "{}={token}",
+            kommit::operator::http::REQUESTED_AT_ANNOTATION
+        ),
+    ]);
+    token
+}
+
+/// Asks for a reconcile of GitSync `name` and waits until it is done and `check` holds.
+pub fn reconcile_and_wait(
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl FnMut() -> bool,
+) {
+    let token = request_reconcile(namespace, name);
+    wait_until_handled(namespace, name, &token, timeout, what, check);
+}
+
+/// Whether the reconcile asked for with `token` is done (its outcome is in the status).
+pub fn reconcile_handled(namespace: &str, name: &str, token: &str) -> bool {
+    jsonpath(
+        namespace,
+        &format!("gitsync/{name}"),
+        "{.status.lastHandledReconcileAt}",
+    ) == token
+}
+
+/// Waits until the reconcile asked for with `token` is done and `check` holds; the panic on
+/// timeout says which of the two was missing, and shows the GitSync's status.
+pub fn wait_until_handled(
+    namespace: &str,
+    name: &str,
+    token: &str,
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let handled = reconcile_handled(namespace, name, token);
+        if handled && check() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let status = jsonpath(namespace, &format!("gitsync/{name}"), "{.status}");
+            panic!(
+                "timed out after {timeout:?} waiting until {what}: {}\n--- status of GitSync {name}\n{status}",
+                if handled {
+                    "the requested reconcile is done, yet the condition does not hold"
+                } else {
+                    "the requested reconcile was not done"
+                }
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// A throwaway git repository with real commits, made by the `git` command line.
 pub struct GitRepo {
     dir: tempfile::TempDir,
