@@ -134,25 +134,6 @@ fn namespace_lives(namespace: &str) -> bool {
     out.status.success() && String::from_utf8_lossy(&out.stdout) == "Active"
 }
 
-/// Asks for a reconcile now (as a webhook does) instead of waiting for the interval.
-fn request_reconcile(namespace: &str, gitsync: &str) {
-    let stamp = format!(
-        "{}",
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
-    kubectl_ok(&[
-        "annotate",
-        "--overwrite",
-        "-n",
-        namespace,
-        &format!("gitsync/{gitsync}"),
-        &format!("kommit.dev/reconcile-requested-at={stamp}"),
-    ]);
-}
-
 /// Polls with a reconcile request every few seconds until `check` holds.
 fn converge(
     namespace: &str,
