@@ -234,6 +234,26 @@ impl Scene {
     }
 }
 
+impl Drop for Scene {
+    /// A story that failed half-way leaves its GitSync with previews and their finalizer, and no
+    /// operator to honour it (the operator is dropped first): remove both, so that the test's
+    /// namespace can go. A story that finished deleted its GitSync already.
+    fn drop(&mut self) {
+        let selector = format!("kommit.dev/preview-of=gs.{}.{}", self.ns.name, self.gitsync);
+        let _ = kubectl(&["delete", "namespace", "-l", &selector, "--wait=false"]);
+        let _ = kubectl(&[
+            "patch",
+            "gitsync",
+            &self.gitsync,
+            "-n",
+            &self.ns.name,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ]);
+    }
+}
+
 #[test]
 fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_goes_away() {
     let scene = Scene::new("previews");
