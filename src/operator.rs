@@ -513,8 +513,37 @@ pub struct PullRequestStatus {
 /// The CustomResourceDefinition of GitSync as YAML, generated from the Rust types.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
-    let crd = GitSync::crd();
+    let mut crd = serde_json::to_value(GitSync::crd()).unwrap_or_default();
+    kubernetes_formats(&mut crd);
     serde_saphyr::to_string(&crd).unwrap_or_else(|e| format!("# cannot render the CRD: {e}\n"))
+}
+
+/// schemars names Rust's unsigned integers (`uint`, `uint32`, `uint64`…), formats Kubernetes
+/// does not know: `kubectl apply` warns about each on every GitSync. They become `int64` (or
+/// `int32`) with a minimum of 0, which says the same in Kubernetes' words.
+fn kubernetes_formats(schema: &mut serde_json::Value) {
+    match schema {
+        serde_json::Value::Object(fields) => {
+            let unsigned = fields
+                .get("format")
+                .and_then(|f| f.as_str())
+                .filter(|f| f.starts_with("uint"))
+                .map(|f| {
+                    if f == "uint32" || f == "uint16" || f == "uint8" {
+                        "int32"
+                    } else {
+                        "int64"
+                    }
+                });
+            if let Some(format) = unsigned {
+                fields.insert("format".into(), format.into());
+                fields.entry("minimum").or_insert(0.into());
+            }
+            fields.values_mut().for_each(kubernetes_formats);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(kubernetes_formats),
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -530,6 +559,11 @@ mod tests {
         assert!(yaml.contains("name: Commit") && yaml.contains("name: Health"));
         assert!(yaml.contains("autoRollback") && yaml.contains("secretRef"));
         assert!(yaml.contains("serviceAccountName"));
+        assert!(
+            !yaml.contains("format: uint"),
+            "only formats Kubernetes knows, so kubectl apply does not warn: {yaml}"
+        );
+        assert!(yaml.contains("format: int64"));
     }
 
     fn spec_with_interval(interval: &str) -> GitSyncSpec {
