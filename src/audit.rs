@@ -88,6 +88,11 @@ pub struct Record {
     /// all that a sync updates without adopting. `None` in records older than this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owned: Option<BTreeSet<String>>,
+    /// The kinds (`group/Kind`) this source's objects may have in the cluster: where prune
+    /// looks for them, instead of listing every kind the cluster serves. `None` in records
+    /// older than this field (every kind is searched, and the field is written then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owned_kinds: Option<BTreeSet<String>>,
     /// The keys of `templates` in the order they were added, oldest first (for eviction).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub template_order: Vec<String>,

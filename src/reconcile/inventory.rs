@@ -68,13 +68,38 @@ pub(super) fn entry_map<'a>(
     slot.as_object_mut().expect("just made an object")
 }
 
-/// The live objects of this source and, for its namespaces that left git, what else they hold.
+/// The key of a kind in [`audit::Record::owned_kinds`].
+pub(super) fn kind_key(group: &str, kind: &str) -> String {
+    format!("{group}/{kind}")
+}
+
+/// Whether prune lists a kind: one of the commit's kinds, or one this source's objects may still
+/// have (`recorded`); every kind when there is no such record.
+fn searched(
+    group: &str,
+    kind: &str,
+    applied_kinds: &HashSet<(&str, &str)>,
+    recorded: Option<&BTreeSet<String>>,
+) -> bool {
+    match recorded {
+        None => true,
+        Some(kinds) => {
+            applied_kinds.contains(&(group, kind)) || kinds.contains(&kind_key(group, kind))
+        }
+    }
+}
+
+/// The live objects of this source and, for its namespaces that left git, what else they hold;
+/// and the kinds its objects may now have in the cluster: those found, and those that could not
+/// be searched. `recorded_kinds`: the kinds they could have before (see
+/// [`audit::Record::owned_kinds`]).
 pub(super) async fn observe_inventory(
     cluster: &Cluster,
     inventory: &str,
     desired: &[Desired],
     extra_namespaces: &[String],
-) -> Result<Inventory, ReconcileError> {
+    recorded_kinds: Option<&BTreeSet<String>>,
+) -> Result<(Inventory, BTreeSet<String>), ReconcileError> {
     let namespaces: BTreeSet<&str> = desired
         .iter()
         .filter_map(|d| d.key.namespace.as_deref())
@@ -84,7 +109,20 @@ pub(super) async fn observe_inventory(
         .iter()
         .map(|d| (d.key.group.as_str(), d.key.kind.as_str()))
         .collect();
-    let objects = list_inventory(cluster, inventory, &namespaces, &applied_kinds).await?;
+    let (objects, mut kinds) = list_inventory(
+        cluster,
+        inventory,
+        &namespaces,
+        &applied_kinds,
+        recorded_kinds,
+    )
+    .await?;
+    kinds.extend(
+        objects
+            .iter()
+            .filter_map(|live| ObjectKey::of_value(&live.object))
+            .map(|key| kind_key(&key.group, &key.kind)),
+    );
     let desired_keys: HashSet<&ObjectKey> = desired.iter().map(|d| &d.key).collect();
     let mut foreign_in_namespace = HashMap::new();
     for live in &objects {
@@ -96,30 +134,44 @@ pub(super) async fn observe_inventory(
             foreign_in_namespace.insert(key.name, foreign);
         }
     }
-    Ok(Inventory {
+    let inventory = Inventory {
         objects,
         foreign_in_namespace,
         ..Inventory::default()
-    })
+    };
+    Ok((inventory, kinds))
 }
 
-/// Every live object carrying this inventory, across all kinds that can be listed. A namespaced
-/// kind that may not be listed cluster-wide (kommit bound by Roles rather than a ClusterRole) is
-/// listed in each of `namespaces`, those the source's objects live in.
+/// Every live object carrying this inventory, across the kinds that can be listed and may hold
+/// one (see [`searched`]): a sync of a few objects makes a few requests, not one per kind the
+/// cluster serves (forty and more, times every GitSync of an operator). A namespaced kind that
+/// may not be listed cluster-wide (kommit bound by Roles rather than a ClusterRole) is listed in
+/// each of `namespaces`, those the source's objects live in.
 async fn list_inventory(
     cluster: &Cluster,
     inventory: &str,
     namespaces: &BTreeSet<&str>,
     applied_kinds: &HashSet<(&str, &str)>,
-) -> Result<Vec<LiveObject>, ReconcileError> {
+    recorded_kinds: Option<&BTreeSet<String>>,
+) -> Result<(Vec<LiveObject>, BTreeSet<String>), ReconcileError> {
     let selector = format!("{INVENTORY_LABEL}={inventory}");
-    let types = cluster.prunable_types();
-    let found: Vec<Vec<LiveObject>> = stream::iter(types)
+    let types: Vec<ResourceType> = cluster
+        .prunable_types()
+        .into_iter()
+        .filter(|rt| searched(rt.group(), rt.kind(), applied_kinds, recorded_kinds))
+        .collect();
+    let found: Vec<Listed> = stream::iter(types)
         .map(|rt| list_kind(cluster, rt, selector.clone(), namespaces, applied_kinds).boxed())
         .buffer_unordered(CONCURRENCY)
         .try_collect()
         .await?;
-    let mut all: Vec<LiveObject> = found.into_iter().flatten().collect();
+    // A kind that could not be searched everywhere may still hold this source's objects.
+    let unsearched: BTreeSet<String> = found
+        .iter()
+        .filter(|listed| listed.forbidden)
+        .map(|listed| kind_key(listed.resource.group(), listed.resource.kind()))
+        .collect();
+    let mut all: Vec<LiveObject> = found.into_iter().flat_map(|l| l.objects).collect();
     // Controllers copy labels onto what they make (Endpoints and EndpointSlices take their
     // Service's); only objects that also carry kommit's annotation and no controller are ours.
     all.retain(|live| is_ours(&live.object));
@@ -127,7 +179,15 @@ async fn list_inventory(
     let mut seen = HashSet::new();
     all.retain(|live| ObjectKey::of_value(&live.object).is_some_and(|k| seen.insert(k)));
     all.sort_by_key(|live| ObjectKey::of_value(&live.object));
-    Ok(all)
+    Ok((all, unsearched))
+}
+
+/// What listing one kind found.
+struct Listed {
+    resource: ResourceType,
+    objects: Vec<LiveObject>,
+    /// Some list was forbidden: the kind may hold objects that were not seen.
+    forbidden: bool,
 }
 
 async fn list_kind(
@@ -136,7 +196,8 @@ async fn list_kind(
     selector: String,
     namespaces: &BTreeSet<&str>,
     applied_kinds: &HashSet<(&str, &str)>,
-) -> Result<Vec<LiveObject>, ReconcileError> {
+) -> Result<Listed, ReconcileError> {
+    let mut forbidden = false;
     let cannot_list = |e: &ClusterError| {
         matches!(
             e,
@@ -167,7 +228,10 @@ async fn list_kind(
             for ns in namespaces {
                 match cluster.list(&rt, Some(ns), Some(&selector)).await {
                     Ok(found) => items.extend(found),
-                    Err(e) if cannot_list(&e) => blind(&e, Some(ns)),
+                    Err(e) if cannot_list(&e) => {
+                        forbidden |= matches!(e, ClusterError::Forbidden { .. });
+                        blind(&e, Some(ns))
+                    }
                     Err(e) => return Err(ReconcileError::from(e)),
                 }
             }
@@ -176,19 +240,25 @@ async fn list_kind(
         // Kinds we may not list at all (RBAC) or that vanished cannot hold objects we could
         // prune anyway.
         Err(e) if cannot_list(&e) => {
+            forbidden |= matches!(e, ClusterError::Forbidden { .. });
             blind(&e, None);
             tracing::debug!(kind = %rt.kind(), "skipping a kind that cannot be listed");
             Vec::new()
         }
         Err(e) => return Err(ReconcileError::from(e)),
     };
-    Ok(items
+    let objects = items
         .into_iter()
         .map(|object| LiveObject {
             resource: rt.clone(),
             object,
         })
-        .collect())
+        .collect();
+    Ok(Listed {
+        resource: rt,
+        objects,
+        forbidden,
+    })
 }
 
 /// Objects in a namespace that kommit does not own (ignoring what Kubernetes creates by itself).
@@ -320,6 +390,18 @@ mod tests {
             "s",
         );
         assert!(cluster_scoped["metadata"].get("namespace").is_none());
+    }
+
+    #[test]
+    fn prune_searches_the_commits_and_the_recorded_kinds_or_all_without_a_record() {
+        let applied: HashSet<(&str, &str)> = [("apps", "Deployment")].into_iter().collect();
+        let recorded: BTreeSet<String> = [kind_key("", "ConfigMap")].into_iter().collect();
+        assert!(searched("apps", "Deployment", &applied, Some(&recorded)));
+        assert!(searched("", "ConfigMap", &applied, Some(&recorded)));
+        assert!(!searched("", "Secret", &applied, Some(&recorded)));
+        assert!(!searched("apps", "ConfigMap", &applied, Some(&recorded)));
+        assert!(searched("", "Secret", &applied, None));
+        assert!(searched("", "Secret", &HashSet::new(), None));
     }
 
     #[test]

@@ -187,6 +187,8 @@ pub struct Prepared {
     pub unconsented: Vec<Unconsented>,
     /// The uids of the live objects of this source's inventory (listed only when pruning).
     inventory_uids: Vec<String>,
+    /// The kinds this source's objects may have once the plan is carried out (for the record).
+    kinds: Option<BTreeSet<String>>,
     steps: Vec<Step>,
     api_version_of: HashMap<ObjectKey, String>,
 }
@@ -277,7 +279,7 @@ pub async fn sync(
     );
     if policy.dry_run {
         let record = store.load().await?;
-        let prepared = plan_loaded(cluster, loaded, policy, record.owned.as_ref()).await?;
+        let prepared = plan_loaded(cluster, loaded, policy, &record).await?;
         let mut report = SyncReport::new(prepared.plan, Vec::new());
         report.dry_run = true;
         report.drift = prepared.drift;
@@ -356,23 +358,23 @@ async fn sync_loaded(
         report.skipped = Some(skipped);
         return Ok(report);
     }
-    let prepared = plan_loaded(cluster, loaded, policy, record.owned.as_ref()).await?;
+    let prepared = plan_loaded(cluster, loaded, policy, &record).await?;
     if prepared.steps.iter().any(|s| s.action.writes()) {
         lock.before_writing(store, &mut record, policy).await?;
     }
-    let owned_before = record.owned.clone();
+    let owned_before = (record.owned.clone(), record.owned_kinds.clone());
     let applied = match apply_prepared(source, cluster, &prepared, policy, &mut record).await {
         Ok(applied) => applied,
         Err(e) => {
             // What was written before the failure is this source's: remembered, or the next
             // sync would take it for someone else's.
-            if record.owned != owned_before {
+            if (&record.owned, &record.owned_kinds) != (&owned_before.0, &owned_before.1) {
                 store.save(&record).await?;
             }
             return Err(e);
         }
     };
-    let owned_changed = record.owned != owned_before;
+    let owned_changed = (&record.owned, &record.owned_kinds) != (&owned_before.0, &owned_before.1);
     let mut report = SyncReport::new(prepared.plan.clone(), applied);
     let journal = Journal::new(source, cluster, policy, &commit, &prepared);
     let Some(wait_options) = &policy.wait else {
@@ -514,7 +516,7 @@ async fn roll_back(
     };
     let loaded = load(source, cluster, &target).await?;
     let to = loaded.commit().clone();
-    let back = plan_loaded(cluster, loaded, &policy, record.owned.as_ref()).await?;
+    let back = plan_loaded(cluster, loaded, &policy, record).await?;
     apply_prepared(source, cluster, &back, &policy, record).await?;
     let wait_options = policy.wait.clone().unwrap_or_default();
     let outcome = wait::wait_healthy(
@@ -591,7 +593,7 @@ pub async fn review(
         dry_run: true,
         ..policy.clone()
     };
-    let live = plan_loaded(cluster, head_loaded, &policy, record.owned.as_ref()).await?;
+    let live = plan_loaded(cluster, head_loaded, &policy, &record).await?;
     Ok(crate::plan::review::Review {
         base: base_loaded.source,
         head: head_source,
@@ -615,15 +617,16 @@ pub async fn prepare(
     )
     .load()
     .await?;
-    plan_loaded(cluster, loaded, policy, record.owned.as_ref()).await
+    plan_loaded(cluster, loaded, policy, &record).await
 }
 
-/// Observes the cluster for loaded objects and decides what to do. Nothing is written.
+/// Observes the cluster for loaded objects and decides what to do, with what `record` says this
+/// source owns. Nothing is written.
 pub async fn plan_loaded(
     cluster: &Cluster,
     loaded: Loaded,
     policy: &Policy,
-    recorded: Option<&BTreeSet<String>>,
+    record: &audit::Record,
 ) -> Result<Prepared, ReconcileError> {
     let span = tracing::info_span!("plan", repo = %loaded.source.repo, commit = %loaded.source.commit.short_sha());
     let Loaded {
@@ -636,18 +639,35 @@ pub async fn plan_loaded(
         span.clone(),
     )
     .await?;
-    // Listing every kind is only worth it when something may be pruned.
-    let mut live = if policy.prune {
-        tracing::Instrument::instrument(
-            inventory::observe_inventory(cluster, &inventory, &desired, &policy.prune_namespaces),
+    let desired_kinds: BTreeSet<String> = desired
+        .iter()
+        .map(|d| inventory::kind_key(&d.key.group, &d.key.kind))
+        .collect();
+    // Searching the cluster for this source's objects is only worth it when something may be
+    // pruned.
+    let (mut live, listed_kinds) = if policy.prune {
+        let (live, kinds) = tracing::Instrument::instrument(
+            inventory::observe_inventory(
+                cluster,
+                &inventory,
+                &desired,
+                &policy.prune_namespaces,
+                record.owned_kinds.as_ref(),
+            ),
             span,
         )
-        .await?
+        .await?;
+        (live, Some(kinds))
     } else {
-        decide::Inventory::default()
+        (decide::Inventory::default(), None)
     };
     live.id = inventory.clone();
-    live.recorded = recorded.cloned();
+    live.recorded = record.owned.clone();
+    let kinds = kinds_after(
+        record.owned_kinds.as_ref(),
+        &desired_kinds,
+        listed_kinds.as_ref(),
+    );
     let inventory_uids = live
         .objects
         .iter()
@@ -675,9 +695,22 @@ pub async fn plan_loaded(
         drift: decision.drift,
         unconsented: decision.unconsented,
         inventory_uids,
+        kinds,
         steps: decision.steps,
         api_version_of,
     })
+}
+
+/// The kinds this source's objects may have once a plan is carried out: when the cluster was
+/// searched, those found there (or not searchable) and the commit's; when not, those recorded
+/// before and the commit's, or `None` (search every kind) if nothing was recorded before.
+fn kinds_after(
+    before: Option<&BTreeSet<String>>,
+    desired: &BTreeSet<String>,
+    listed: Option<&BTreeSet<String>>,
+) -> Option<BTreeSet<String>> {
+    let base = listed.or(before)?;
+    Some(base.union(desired).cloned().collect())
 }
 
 /// Applies a prepared commit, unless it would prune too much, overwrite fields others took over
@@ -718,6 +751,7 @@ async fn apply_prepared(
         &applied,
         policy.prune,
     ));
+    record.owned_kinds = prepared.kinds.clone();
     outcome.map(|()| applied.done)
 }
 
@@ -885,4 +919,38 @@ fn sync_is_send(source: GitSource, mut cluster: Cluster, target: Target, policy:
     std::mem::drop(tokio::spawn(async move {
         let _ = sync(&source, &mut cluster, &target, &policy, &Quiet).await;
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn the_recorded_kinds_are_what_was_found_and_the_commits_else_what_was_recorded() {
+        let desired = kinds(&["apps/Deployment"]);
+        // Searched: a kind recorded before but found empty is dropped.
+        assert_eq!(
+            kinds_after(
+                Some(&kinds(&["/ConfigMap", "apps/Deployment"])),
+                &desired,
+                Some(&kinds(&["/Secret"]))
+            ),
+            Some(kinds(&["/Secret", "apps/Deployment"]))
+        );
+        // Not searched (no prune): what was recorded may still be there.
+        assert_eq!(
+            kinds_after(Some(&kinds(&["/ConfigMap"])), &desired, None),
+            Some(kinds(&["/ConfigMap", "apps/Deployment"]))
+        );
+        // Never recorded and not searched: unknown, so every kind is searched next time.
+        assert_eq!(kinds_after(None, &desired, None), None);
+        assert_eq!(
+            kinds_after(None, &desired, Some(&BTreeSet::new())),
+            Some(desired.clone())
+        );
+    }
 }
