@@ -206,6 +206,29 @@ pub const DEFAULT_GIT_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 
 static GIT_TIMEOUT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
 
+/// When the last fetch into each mirror of this process started, behind one lock per mirror:
+/// sources that share a mirror (GitSyncs of one repository and the same credentials) fetch
+/// into it one at a time, and when many open it at once (a push webhook, an operator starting)
+/// one fetch serves them all.
+type MirrorGate = Arc<Mutex<Option<std::time::Instant>>>;
+static MIRROR_GATES: std::sync::LazyLock<Mutex<HashMap<PathBuf, MirrorGate>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn mirror_gate(dir: &Path) -> MirrorGate {
+    MIRROR_GATES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(dir.to_path_buf())
+        .or_default()
+        .clone()
+}
+
+/// Whether a fetch that started at `last_started` (if any) can serve a source asked for at
+/// `asked`: only one that began afterwards saw the remote as it was when asked.
+fn fetched_since(last_started: Option<std::time::Instant>, asked: std::time::Instant) -> bool {
+    last_started.is_some_and(|started| started >= asked)
+}
+
 /// Bounds every later connect, read and write of a git fetch by `timeout`.
 ///
 /// # Safety
@@ -292,12 +315,15 @@ impl GitSource {
         cache_dir: &Path,
         credentials: GitCredentials,
     ) -> Result<Self, SourceError> {
+        let asked = std::time::Instant::now();
         let digest = hex(&Sha256::digest(url.as_bytes()));
         let dir = cache_dir.join("repos").join(&digest[..24]);
         let cache_err = |e: &dyn std::fmt::Display| SourceError::Cache {
             path: dir.display().to_string(),
             message: e.to_string(),
         };
+        let gate = mirror_gate(&dir);
+        let mut last_fetch = gate.lock().unwrap_or_else(|e| e.into_inner());
         std::fs::create_dir_all(&dir).map_err(|e| cache_err(&e))?;
         let repo = match Repository::open_bare(&dir) {
             Ok(repo) => repo,
@@ -313,7 +339,11 @@ impl GitSource {
             remote_url: Some(url.to_string()),
             credentials,
         };
-        source.fetch()?;
+        if !fetched_since(*last_fetch, asked) {
+            let started = std::time::Instant::now();
+            source.fetch()?;
+            *last_fetch = Some(started);
+        }
         Ok(source)
     }
 
@@ -831,6 +861,20 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_fetch_serves_those_who_asked_before_it_started() {
+        use super::fetched_since;
+        let asked = std::time::Instant::now();
+        assert!(!fetched_since(None, asked));
+        let later = asked + std::time::Duration::from_millis(5);
+        assert!(fetched_since(Some(later), asked));
+        assert!(fetched_since(Some(asked), asked));
+        assert!(
+            !fetched_since(Some(asked), later),
+            "an older fetch may miss a newer push"
+        );
+    }
+
     #[test]
     fn credentials_in_urls_are_redacted_and_other_urls_kept() {
         use super::{redact_in, redact_url};

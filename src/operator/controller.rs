@@ -437,12 +437,13 @@ async fn sync_gitsync(
         }
     };
     let repo = spec.repo.clone();
-    // A mirror per GitSync: one tenant never reads another's, whatever URL it names.
+    // A mirror per repository and credentials: GitSyncs that fetch the same URL with the same
+    // credentials share one (one clone and, when asked at once, one fetch for all of them); a
+    // GitSync with other credentials, or none, never reads what these fetched.
     let cache = context
         .cache_dir
-        .join("gitsyncs")
-        .join(&namespace)
-        .join(&name);
+        .join("mirrors")
+        .join(creds.mirror_key(&spec.repo));
     let rev = spec.rev.clone().or_else(|| spec.branch.clone());
     let wanted = rev.clone();
     // Opening fetches: blocking network work, off the async threads; the head comes back too.

@@ -11,6 +11,7 @@ use std::rc::Rc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use sha2::{Digest, Sha256};
 
 /// A secret value: readable with [`SecretString::expose`], redacted everywhere else.
 #[derive(Clone, PartialEq, Eq)]
@@ -53,6 +54,61 @@ pub enum GitCredentials {
 impl Default for GitCredentials {
     fn default() -> Self {
         GitCredentials::Ambient(AmbientCredentials::default())
+    }
+}
+
+impl GitCredentials {
+    /// A name for the mirror of `url` fetched with these credentials (a hash of both, which
+    /// reveals neither): sources that name the same repository with the same credentials may
+    /// share a mirror; one with other credentials, or none, never reads what these fetched.
+    pub fn mirror_key(&self, url: &str) -> String {
+        let mut hash = Sha256::new();
+        let mut feed = |part: &[u8]| {
+            hash.update((part.len() as u64).to_le_bytes());
+            hash.update(part);
+        };
+        feed(url.as_bytes());
+        match self {
+            GitCredentials::Ambient(ambient) => {
+                feed(b"ambient");
+                let key = ambient.ssh_key.as_ref().map(|p| p.to_string_lossy());
+                feed(key.as_deref().unwrap_or("").as_bytes());
+                let token = ambient.https_token.as_ref().map(SecretString::expose);
+                feed(token.unwrap_or("").as_bytes());
+                feed(ambient.https_username.as_deref().unwrap_or("").as_bytes());
+            }
+            GitCredentials::Given(given) => {
+                feed(b"given");
+                if let Some(https) = &given.https {
+                    feed(b"token");
+                    feed(https.username.as_bytes());
+                    feed(https.token.expose().as_bytes());
+                }
+                if let Some(ssh) = &given.ssh {
+                    feed(b"ssh");
+                    feed(ssh.private_key.expose().as_bytes());
+                    let passphrase = ssh.passphrase.as_ref().map(SecretString::expose);
+                    feed(passphrase.unwrap_or("").as_bytes());
+                    for entry in &ssh.known_hosts.entries {
+                        feed(&[entry.marker as u8]);
+                        match &entry.hosts {
+                            HostNames::Patterns(patterns) => {
+                                for pattern in patterns {
+                                    feed(pattern.as_bytes());
+                                }
+                            }
+                            HostNames::Hashed { salt, hash } => {
+                                feed(salt);
+                                feed(hash);
+                            }
+                        }
+                        feed(entry.key_type.as_bytes());
+                        feed(&entry.key);
+                    }
+                }
+            }
+        }
+        crate::source::hex(&hash.finalize())[..32].to_string()
     }
 }
 
@@ -710,6 +766,45 @@ mod tests {
 
     fn blob(b64: &str) -> Vec<u8> {
         BASE64.decode(b64).unwrap()
+    }
+
+    #[test]
+    fn a_mirror_is_shared_only_by_the_same_url_and_the_same_credentials() {
+        let url = "https://git.example.com/acme/shop.git";
+        let token = |t: &str| {
+            GitCredentials::Given(
+                GivenCredentials::new("Secret a/git").with_token(None, SecretString::new(t)),
+            )
+        };
+        let none = GitCredentials::Given(GivenCredentials::new("Secret a/git"));
+        assert_eq!(token("t1").mirror_key(url), token("t1").mirror_key(url));
+        // Where the Secret lives does not matter, what it holds does.
+        let elsewhere = GitCredentials::Given(
+            GivenCredentials::new("Secret b/other").with_token(None, SecretString::new("t1")),
+        );
+        assert_eq!(elsewhere.mirror_key(url), token("t1").mirror_key(url));
+        assert_ne!(token("t1").mirror_key(url), token("t2").mirror_key(url));
+        assert_ne!(token("t1").mirror_key(url), none.mirror_key(url));
+        assert_ne!(
+            none.mirror_key(url),
+            GitCredentials::default().mirror_key(url)
+        );
+        assert_ne!(
+            token("t1").mirror_key(url),
+            token("t1").mirror_key("https://git.example.com/acme/other.git")
+        );
+        let key = token("t1").mirror_key(url);
+        assert!(!key.contains("t1") && key.len() == 32, "{key}");
+        let known = KnownHosts::parse(HASHED).unwrap();
+        let ssh = |k: &str| {
+            GitCredentials::Given(GivenCredentials::new("Secret a/git").with_ssh_key(
+                SecretString::new(k),
+                None,
+                known.clone(),
+            ))
+        };
+        assert_ne!(ssh("key-1").mirror_key(url), ssh("key-2").mirror_key(url));
+        assert_eq!(ssh("key-1").mirror_key(url), ssh("key-1").mirror_key(url));
     }
 
     /// An ed25519 key blob other than ED25519.
