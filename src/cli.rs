@@ -215,8 +215,9 @@ kommit.dev/reconcile-requested-at=\"$(date +%s)\" --overwrite` does the same by 
         /// agent, credential helper) to GitSyncs without spec.secretRef
         #[arg(long)]
         use_operator_credentials: bool,
-        /// How many GitSyncs are reconciled at once
-        #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+        /// How many GitSyncs are reconciled at once (one waiting for its rollout holds a slot,
+        /// doing little but watching: many slots cost little)
+        #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
     },
     /// Which commit is live and whether the cluster is in sync with it
