@@ -417,7 +417,8 @@ def start_operator(cache, port):
     shutil.rmtree(cache, ignore_errors=True)
     env = dict(os.environ, KUBECONFIG=KUBECONFIG, KOMMIT_CACHE_DIR=cache, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
     c = Controllers("kommit operator")
-    c.start([KOMMIT, "operator", "--no-leader-election", f"--listen=127.0.0.1:{port}"], env, "operator.log")
+    extra = os.environ.get("BENCH_OPERATOR_ARGS", "").split()
+    c.start([KOMMIT, "operator", "--no-leader-election", f"--listen=127.0.0.1:{port}", *extra], env, "operator.log")
     time.sleep(1)
     c.check()
     return c
@@ -494,6 +495,8 @@ def record(tool, scenario, n, seconds, peak=None, reqs=None, kube=None):
 
 
 def write_results():
+    with open(os.path.join(OUT, "peers-memo.json"), "w") as f:
+        json.dump([[list(k), list(v)] for k, v in memo.items()], f)
     results["ratios"] = []
     for (tool, scenario, n), (seconds, peak) in sorted(memo.items()):
         if tool == "kommit":
@@ -798,6 +801,14 @@ def fleet_kommit(kube, repo):
 
 
 def fleet_flux(kube, repo, tuned):
+    try:
+        run_fleet_flux(kube, repo, tuned)
+    except TimeoutError as e:
+        # A fleet Flux does not finish within BENCH_TIMEOUT is a finding, not a failed bench.
+        say(f"Flux fleet: {e}")
+
+
+def run_fleet_flux(kube, repo, tuned):
     name = "flux-tuned" if tuned else "flux"
     fleet_files(repo, 0)
     sha = repo.commit("fleet v0 (flux)")
@@ -979,6 +990,16 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1]),) * 2)
     kube = Kube(KUBECONFIG)
     vers = versions()
+    # BENCH_MERGE=1: keep the figures of an earlier invocation (other phases) in the results.
+    memo_file = os.path.join(OUT, "peers-memo.json")
+    if os.environ.get("BENCH_MERGE") and os.path.exists(memo_file):
+        for k, v in json.load(open(memo_file)):
+            memo[tuple(k)] = tuple(v)
+        old = os.path.join(OUT, "peers.json")
+        if os.path.exists(old):
+            results["kommit"] = json.load(open(old)).get("kommit", [])
+        if os.path.exists(os.path.join(OUT, "peers-requests.json")):
+            requests.extend(json.load(open(os.path.join(OUT, "peers-requests.json"))))
     for name in ("source-controller", "kustomize-controller"):
         kubectl("apply", "--server-side", "-f", peer(name, "crds"))
     kubectl("apply", "--server-side", "-f", "-", input=subprocess.check_output([KOMMIT, "crd"], text=True))
