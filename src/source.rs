@@ -126,6 +126,8 @@ pub struct GitSource {
     remote_url: Option<String>,
     /// For fetching `remote_url`; held in memory only.
     credentials: GitCredentials,
+    /// The mirror's fetch lock (shared with every source of the same mirror in this process).
+    gate: Option<MirrorGate>,
 }
 
 impl std::fmt::Debug for GitSource {
@@ -307,6 +309,7 @@ impl GitSource {
             identity,
             remote_url: None,
             credentials: GitCredentials::default(),
+            gate: None,
         })
     }
 
@@ -338,6 +341,7 @@ impl GitSource {
             display: shown,
             remote_url: Some(url.to_string()),
             credentials,
+            gate: Some(gate.clone()),
         };
         if !fetched_since(*last_fetch, asked) {
             let started = std::time::Instant::now();
@@ -367,6 +371,11 @@ impl GitSource {
             .map(|n| format!("+refs/pull/{n}/head:refs/pull/{n}/head"))
             .collect();
         let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
+        // Taking turns with the fetches of the other sources of this mirror.
+        let _turn = self
+            .gate
+            .as_ref()
+            .map(|gate| gate.lock().unwrap_or_else(|e| e.into_inner()));
         self.fetch_refspecs(&specs, false)
     }
 

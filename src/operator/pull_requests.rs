@@ -764,6 +764,9 @@ async fn deploy_preview(
         // The namespace is the preview's own: git wins over any hand edit there.
         force_conflicts: true,
         auto_rollback: false,
+        // A preview is deployed again only when something changed (or its status was lost):
+        // then its head is tried again, so the status tells the rollout's own cause.
+        retry_failed: true,
         wait: Some(WaitOptions::default()),
         prune_namespaces: vec![namespace.to_string()],
         ..Policy::default()
