@@ -293,7 +293,18 @@ fn a_leader_paused_past_its_lease_is_replaced_and_writes_nothing_when_it_wakes()
         &gitsync("shop", &format!("file://{}", repo.path_str())),
         &[],
     );
-    let value = || jsonpath(&ns.name, "configmap/settings", "{.data.v}");
+    // Not there yet is not an error: the first sync may still be on its way.
+    let value = || {
+        let out = kubectl(&[
+            "get",
+            "-n",
+            &ns.name,
+            "configmap/settings",
+            "-o",
+            "jsonpath={.data.v}",
+        ]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
     wait_until(Duration::from_secs(60), "v1 is synced", || value() == "1");
 
     // Hung, not dead: it holds its lease until the lease runs out.
