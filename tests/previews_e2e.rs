@@ -167,10 +167,16 @@ struct Scene {
     full_name: String,
     repo: GitRepo,
     main: String,
+    /// The stories run one at a time: run side by side they have been seen to take minutes
+    /// instead of seconds (see the session note), which a CI run must not depend on.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Scene {
     fn new(test: &str) -> Scene {
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         install_gitsync_crd();
         let env = forge();
         let ns = TestNamespace::new(test);
@@ -198,6 +204,7 @@ impl Scene {
             full_name,
             repo,
             main,
+            _turn: turn,
         };
         scene.set_token(&scene.env.token);
         scene
@@ -266,6 +273,7 @@ fn pull_requests_get_one_comment_statuses_and_a_preview_that_follows_them_and_go
         full_name,
         repo,
         main,
+        ..
     } = &scene;
     let label = api_ok(
         env,
@@ -539,6 +547,7 @@ fn previews_are_confined_to_their_namespace_limited_in_number_and_expire_when_id
         full_name,
         repo,
         main,
+        ..
     } = &scene;
     // Locked tenancy: the GitSync acts as a ServiceAccount that may edit its own namespace,
     // and kommit binds it to `edit` in each preview namespace, and only there.
