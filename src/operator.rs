@@ -492,6 +492,10 @@ pub struct PullRequestStatus {
     /// The preview namespace, while there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// The uid of the namespace kommit made: what it updates and deletes is that one, never
+    /// another that merely carries its name or labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_uid: Option<String>,
     /// Of the preview: Progressing, Healthy, Degraded, Refused; or Waiting (a fork not yet
     /// approved), Expired (idle past the ttl), NoPreview (over maxPreviews or previews off).
     #[serde(default)]

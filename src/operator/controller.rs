@@ -332,10 +332,9 @@ async fn sync_gitsync(
             .iter()
             .any(|f| f == super::pull_requests::PREVIEWS_FINALIZER)
         {
-            let removed =
-                super::pull_requests::remove_all_previews(context, &inventory_of(gitsync))
-                    .await
-                    .map_err(|message| OperatorError::Previews { message })?;
+            let removed = super::pull_requests::remove_all_previews(context, &status)
+                .await
+                .map_err(|message| OperatorError::Previews { message })?;
             tracing::info!(removed, "the GitSync is deleted: its previews are removed");
             super::pull_requests::keep_finalizer(context, gitsync, false)
                 .await
@@ -353,7 +352,7 @@ async fn sync_gitsync(
             .iter()
             .any(|f| f == super::pull_requests::PREVIEWS_FINALIZER)
     {
-        super::pull_requests::remove_all_previews(context, &inventory_of(gitsync))
+        super::pull_requests::remove_all_previews(context, &status)
             .await
             .map_err(|message| OperatorError::Previews { message })?;
         status.previews = None;

@@ -19,7 +19,7 @@ use crate::source::{
 };
 
 /// Keys holding an https token, in order of preference.
-const TOKEN_KEYS: [&str; 2] = ["token", "password"];
+pub(super) const TOKEN_KEYS: [&str; 2] = ["token", "password"];
 const USERNAME_KEY: &str = "username";
 /// Keys holding an ssh private key (`ssh-privatekey` is what `kubernetes.io/ssh-auth` uses).
 const SSH_KEY_KEYS: [&str; 2] = ["ssh-privatekey", "identity"];

@@ -81,9 +81,6 @@ pub enum PullRequestError {
     Previews(String),
 }
 
-/// The Secret key holding the forge token.
-const TOKEN_KEYS: [&str; 2] = ["token", "password"];
-
 /// The forge token of a GitSync: `token` of `pullRequests.secretRef`, else of `secretRef`.
 async fn forge_token(context: &Context, gitsync: &GitSync) -> Result<String, PullRequestError> {
     let namespace = gitsync.namespace().unwrap_or_default();
@@ -112,7 +109,7 @@ async fn forge_token(context: &Context, gitsync: &GitSync) -> Result<String, Pul
         )));
     };
     let data = found.data.unwrap_or_default();
-    TOKEN_KEYS
+    super::credentials::TOKEN_KEYS
         .iter()
         .find_map(|key| data.get(*key))
         .and_then(|bytes| String::from_utf8(bytes.0.clone()).ok())
@@ -299,13 +296,14 @@ pub async fn reconcile(
     let listed = forge.open_pull_requests(&repo, &branch).await;
     metrics.forge_call("list", listed.is_ok());
     let open = listed?;
-    let previews = existing_previews(work).await?;
-
+    // Read, not taken: an error below leaves the recorded pull requests (and the uids of their
+    // namespaces) as they were.
     let known: HashMap<u64, PullRequestStatus> = status
         .pull_requests
-        .drain(..)
-        .map(|p| (p.number, p))
+        .iter()
+        .map(|p| (p.number, p.clone()))
         .collect();
+    let previews = existing_previews(work, &known).await?;
     let mut next: Vec<PullRequestStatus> = Vec::new();
     let mut eligible = Vec::new();
     for pr in &open {
@@ -365,7 +363,7 @@ pub async fn reconcile(
 
     // Previews of pull requests no longer eligible: removed only on the forge's word.
     let eligible_numbers: HashSet<u64> = numbers.iter().copied().collect();
-    for (number, namespace) in &previews {
+    for (number, (namespace, uid)) in &previews {
         if eligible_numbers.contains(number) {
             continue;
         }
@@ -377,7 +375,7 @@ pub async fn reconcile(
             PullState::Closed => "was closed",
             PullState::Open => "no longer qualifies for a preview",
         };
-        delete_preview(work, namespace).await?;
+        delete_preview(work, namespace, uid).await?;
         tracing::info!(pull_request = number, namespace = %namespace, "preview removed: the pull request {why}");
         if work.spec.comment {
             let body = format!(
@@ -400,8 +398,12 @@ pub async fn reconcile(
     Ok(())
 }
 
-/// The preview namespaces of this GitSync, by pull request number.
-async fn existing_previews(work: &Work<'_>) -> Result<BTreeMap<u64, String>, PullRequestError> {
+/// The preview namespaces of this GitSync still there, by pull request number, with their
+/// uids: those `known` records kommit made. A label anyone could copy proves nothing.
+async fn existing_previews(
+    work: &Work<'_>,
+    known: &HashMap<u64, PullRequestStatus>,
+) -> Result<BTreeMap<u64, (String, String)>, PullRequestError> {
     let api: Api<Namespace> = Api::all(work.context.cluster.client().clone());
     let listed = api
         .list(&ListParams::default().labels(&format!("{PREVIEW_OF_LABEL}={}", work.inventory)))
@@ -412,8 +414,12 @@ async fn existing_previews(work: &Work<'_>) -> Result<BTreeMap<u64, String>, Pul
         .into_iter()
         .filter(|ns| ns.metadata.deletion_timestamp.is_none())
         .filter_map(|ns| {
-            let number = ns.labels().get(PULL_REQUEST_LABEL)?.parse().ok()?;
-            Some((number, ns.name_any()))
+            let (name, uid) = (ns.name_any(), ns.uid()?);
+            let (number, _) = known.iter().find(|(_, p)| {
+                p.namespace.as_deref() == Some(name.as_str())
+                    && p.namespace_uid.as_deref() == Some(uid.as_str())
+            })?;
+            Some((*number, (name, uid)))
         })
         .collect())
 }
@@ -475,9 +481,8 @@ async fn pull_request(
     pr: &PullRequest,
     before: Option<PullRequestStatus>,
     plan: PreviewPlan,
-    previews: &BTreeMap<u64, String>,
+    previews: &BTreeMap<u64, (String, String)>,
 ) -> PullRequestStatus {
-    let metrics = &work.context.metrics;
     let pushed = before.as_ref().is_none_or(|b| b.head_sha != pr.head_sha);
     let mut entry = before.unwrap_or_default();
     entry.number = pr.number;
@@ -562,16 +567,20 @@ async fn pull_request(
     );
     let preview_section;
     if plan == PreviewPlan::Off {
+        // Previews turned off: the controller removed them with the finalizer.
+        entry.namespace = None;
+        entry.namespace_uid = None;
         entry.health = "NoPreview".into();
         entry.message = String::new();
         preview_section = String::new();
     } else if plan != PreviewPlan::Deploy {
-        if let Some(existing) = &existing
-            && let Err(e) = delete_preview(work, existing).await
+        if let Some((existing, uid)) = &existing
+            && let Err(e) = delete_preview(work, existing, uid).await
         {
             tracing::warn!(error = %e, "cannot remove the preview");
         }
         entry.namespace = None;
+        entry.namespace_uid = None;
         let (health, message) = if plan == PreviewPlan::Expired {
             (
                 "Expired",
@@ -604,7 +613,6 @@ async fn pull_request(
         .await;
     } else {
         // Say so first: a preview can take minutes to become healthy.
-        entry.namespace = Some(namespace.clone());
         entry.health = "Progressing".into();
         let pending = format!("deploying into namespace {namespace}");
         set_status(
@@ -626,7 +634,17 @@ async fn pull_request(
             &format!("\n#### Preview\n\n⏳ Deploying into namespace `{namespace}` …\n"),
         )
         .await;
-        let (health, message) = match deploy_preview(work, pr, &namespace).await {
+        let recorded_uid = existing.as_ref().map(|(_, uid)| uid.as_str());
+        let prepared = prepare_namespace(work, pr.number, &namespace, recorded_uid).await;
+        let deployed = match prepared {
+            Ok(uid) => {
+                entry.namespace = Some(namespace.clone());
+                entry.namespace_uid = Some(uid);
+                deploy_preview(work, pr, &namespace).await
+            }
+            Err(message) => Err(message),
+        };
+        let (health, message) = match deployed {
             Ok(outcome) => outcome,
             Err(message) => ("Refused".to_string(), message),
         };
@@ -666,7 +684,6 @@ async fn pull_request(
         entry.message = message;
     }
     post_comment(work, forge, repo, pr, &report, &preview_section).await;
-    let _ = metrics;
     entry.last_update = now_rfc3339();
     entry
 }
@@ -743,15 +760,13 @@ async fn post_comment(
     }
 }
 
-/// Makes the preview namespace (quota, limits, default-deny network policy, and the
-/// GitSync's ServiceAccount bound to `previewRole` there) and syncs the pull request's head
-/// into it, confined to it. Returns the health and why it is not healthy.
+/// Syncs the pull request's head into its prepared preview namespace, confined to it.
+/// Returns the health and why it is not healthy.
 async fn deploy_preview(
     work: &Work<'_>,
     pr: &PullRequest,
     namespace: &str,
 ) -> Result<(String, String), String> {
-    prepare_namespace(work, pr.number, namespace).await?;
     let target = Target {
         rev: Some(pr.head_sha.clone()),
         namespace: Some(namespace.to_string()),
@@ -790,44 +805,58 @@ async fn deploy_preview(
     })
 }
 
-/// The preview namespace and what confines it, written as the operator (they are kommit's).
-async fn prepare_namespace(work: &Work<'_>, number: u64, namespace: &str) -> Result<(), String> {
+/// The preview namespace (made here, or the one kommit made before: `recorded_uid`) and what
+/// confines it: quota, limits, default-deny network policy, and the GitSync's ServiceAccount
+/// bound to `previewRole`. Written as the operator: they are kommit's own. Returns the
+/// namespace's uid.
+async fn prepare_namespace(
+    work: &Work<'_>,
+    number: u64,
+    namespace: &str,
+    recorded_uid: Option<&str>,
+) -> Result<String, String> {
     let cluster = &work.context.cluster;
     let client = cluster.client().clone();
     cluster
         .check_fence(&format!("Namespace {namespace}"))
         .map_err(|e| e.to_string())?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    // Never a namespace kommit did not make for this GitSync.
-    if let Some(found) = namespaces
-        .get_opt(namespace)
-        .await
-        .map_err(|e| e.to_string())?
-        && found.labels().get(PREVIEW_OF_LABEL).map(String::as_str) != Some(work.inventory)
-    {
-        return Err(format!(
-            "namespace {namespace} exists and is not a preview of {}: kommit does not write into \
-             a namespace it did not make; rename the GitSync or remove that namespace",
-            gitsync_label(work.gitsync)
-        ));
-    }
-    let apply = PatchParams::apply(FIELD_MANAGER).force();
     let labels = json!({
         PREVIEW_OF_LABEL: work.inventory,
         PULL_REQUEST_LABEL: number.to_string(),
         "app.kubernetes.io/managed-by": "kommit",
     });
-    namespaces
-        .patch(
-            namespace,
-            &apply,
-            &Patch::Apply(json!({
-                "apiVersion": "v1", "kind": "Namespace",
-                "metadata": {"name": namespace, "labels": labels},
-            })),
+    let not_ours = || {
+        format!(
+            "namespace {namespace} exists and kommit has no record of making it for {}: kommit \
+             does not write into a namespace it did not make; remove that namespace (or rename \
+             the GitSync)",
+            gitsync_label(work.gitsync)
         )
+    };
+    let found = namespaces
+        .get_opt(namespace)
         .await
-        .map_err(|e| format!("cannot make namespace {namespace}: {e}"))?;
+        .map_err(|e| e.to_string())?;
+    let uid = match found {
+        Some(found) => match (found.uid(), recorded_uid) {
+            (Some(uid), Some(recorded)) if uid == recorded => uid,
+            _ => return Err(not_ours()),
+        },
+        // Created, not applied: a namespace someone makes meanwhile is refused, not taken over.
+        None => {
+            let new: Namespace = serde_json::from_value(json!({
+                "metadata": {"name": namespace, "labels": labels},
+            }))
+            .map_err(|e| e.to_string())?;
+            match namespaces.create(&Default::default(), &new).await {
+                Ok(made) => made.uid().unwrap_or_default(),
+                Err(kube::Error::Api(e)) if e.code == 409 => return Err(not_ours()),
+                Err(e) => return Err(format!("cannot make namespace {namespace}: {e}")),
+            }
+        }
+    };
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
     let spec = work.spec;
     let defaults = &spec.container_defaults;
     let confinement = [
@@ -918,60 +947,59 @@ async fn prepare_namespace(work: &Work<'_>, number: u64, namespace: &str) -> Res
             )
         })?;
     }
-    Ok(())
+    Ok(uid)
 }
 
-/// Deletes a preview namespace kommit made (checked by its label and uid).
-async fn delete_preview(work: &Work<'_>, namespace: &str) -> Result<(), PullRequestError> {
-    delete_preview_namespace(work.context, work.inventory, namespace)
+/// Deletes a preview namespace kommit made.
+async fn delete_preview(
+    work: &Work<'_>,
+    namespace: &str,
+    uid: &str,
+) -> Result<(), PullRequestError> {
+    delete_preview_namespace(work.context, namespace, uid)
         .await
         .map_err(PullRequestError::Previews)
 }
 
+/// Deletes `namespace` only if it is still the one of `uid` kommit made (a uid precondition):
+/// one made since under the same name is left alone.
 async fn delete_preview_namespace(
     context: &Context,
-    inventory: &str,
     namespace: &str,
+    uid: &str,
 ) -> Result<(), String> {
     context
         .cluster
         .check_fence(&format!("Namespace {namespace}"))
         .map_err(|e| e.to_string())?;
     let api: Api<Namespace> = Api::all(context.cluster.client().clone());
-    let Some(found) = api.get_opt(namespace).await.map_err(|e| e.to_string())? else {
-        return Ok(());
-    };
-    if found.labels().get(PREVIEW_OF_LABEL).map(String::as_str) != Some(inventory) {
-        return Ok(());
-    }
     let params = DeleteParams {
         preconditions: Some(Preconditions {
-            uid: found.uid(),
+            uid: Some(uid.to_string()),
             resource_version: None,
         }),
         ..DeleteParams::default()
     };
     match api.delete(namespace, &params).await {
         Ok(_) => Ok(()),
+        // Gone already, or another namespace of that name now: nothing of kommit's to delete.
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
         Err(e) => Err(format!("cannot delete preview namespace {namespace}: {e}")),
     }
 }
 
-/// Removes every preview of a GitSync (it is being deleted, or no longer has previews).
-pub async fn remove_all_previews(context: &Context, inventory: &str) -> Result<usize, String> {
-    let api: Api<Namespace> = Api::all(context.cluster.client().clone());
-    let listed = api
-        .list(&ListParams::default().labels(&format!("{PREVIEW_OF_LABEL}={inventory}")))
-        .await
-        .map_err(|e| format!("cannot list the preview namespaces: {e}"))?;
+/// Removes every preview `status` records (the GitSync is being deleted, or no longer has
+/// previews); returns how many were asked to go.
+pub async fn remove_all_previews(
+    context: &Context,
+    status: &GitSyncStatus,
+) -> Result<usize, String> {
     let mut removed = 0;
-    for ns in listed.items {
-        if ns.metadata.deletion_timestamp.is_some() {
-            continue;
+    for pr in &status.pull_requests {
+        if let (Some(namespace), Some(uid)) = (&pr.namespace, &pr.namespace_uid) {
+            delete_preview_namespace(context, namespace, uid).await?;
+            removed += 1;
         }
-        delete_preview_namespace(context, inventory, &ns.name_any()).await?;
-        removed += 1;
     }
     Ok(removed)
 }
