@@ -7,7 +7,7 @@ mod common;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use common::forge::{ForgeEnv, api_ok, forge};
+use common::forge::{ForgeEnv, api_ok, forge, user_with_fork};
 use kommit::forge::{
     CommentOutcome, CommitStatus, Forge, ForgeError, Provider, Repo, StatusState, comment_marker,
 };
@@ -136,25 +136,7 @@ fn scene(env: &ForgeEnv) -> Scene {
 
     // A second user forks and opens a PR from the fork (the admin acts for it with `Sudo`).
     let fork_user = unique("mallory").replace('-', "");
-    api_ok(
-        env,
-        "POST",
-        "/admin/users",
-        Some(
-            &json!({"username": fork_user, "email": format!("{fork_user}@example.com"),
-                     "password": "fork-user-password-1", "must_change_password": false}),
-        ),
-        None,
-        &[201],
-    );
-    api_ok(
-        env,
-        "POST",
-        &format!("/repos/{owner}/{name}/forks"),
-        Some(&json!({})),
-        Some(&fork_user),
-        &[201, 202],
-    );
+    user_with_fork(env, &fork_user, &format!("{owner}/{name}"));
     commit_file(
         env,
         &format!("{fork_user}/{name}"),

@@ -125,3 +125,28 @@ pub fn api_ok(
     );
     value
 }
+
+/// A second user of the forge, who forks `full_name` (the admin acts for it with `Sudo`).
+pub fn user_with_fork(env: &ForgeEnv, user: &str, full_name: &str) {
+    api_ok(
+        env,
+        "POST",
+        "/admin/users",
+        Some(&serde_json::json!({
+            "username": user,
+            "email": format!("{user}@example.com"),
+            "password": "fork-user-password-1",
+            "must_change_password": false,
+        })),
+        None,
+        &[201],
+    );
+    api_ok(
+        env,
+        "POST",
+        &format!("/repos/{full_name}/forks"),
+        Some(&serde_json::json!({})),
+        Some(user),
+        &[201, 202],
+    );
+}
